@@ -1,0 +1,39 @@
+"""Shared CLI plumbing: absl flag parsing and one-line errors with exit code 2."""
+
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+
+from tff_dpmed.errors import UsageError
+
+USAGE_EXIT_CODE = 2
+
+
+def fail(message: str) -> None:
+  """Prints a one-line error and exits with the usage exit code."""
+  one_line = " ".join(str(message).split())
+  print(f"error: {one_line}", file=sys.stderr, flush=True)
+  sys.exit(USAGE_EXIT_CODE)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    # absl would print the whole usage text and exit 1; a user wants the one line.
+    fail(f"{e} (see --helpfull for every flag)")
+  raise AssertionError("unreachable")
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """Runs `main` under absl; a UsageError anywhere becomes `error: ...`, exit 2."""
+
+  def guarded_main(argv):
+    try:
+      main(argv)
+    except UsageError as e:
+      fail(str(e))
+
+  app.run(guarded_main, flags_parser=_parse_flags)

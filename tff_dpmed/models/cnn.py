@@ -1,0 +1,24 @@
+"""The fast default: a small CNN without normalisation layers.
+
+No BatchNorm anywhere in tff_dpmed: its running statistics are computed from,
+and released with, each client's raw data outside the clipped and noised model
+update, so they would leak per-client information and void the DP sensitivity.
+"""
+
+import tensorflow as tf
+
+
+def build_small_cnn(input_shape: tuple[int, int, int], num_classes: int) -> tf.keras.Model:
+  inputs = tf.keras.Input(shape=input_shape, name="image")
+  x = inputs
+  if input_shape[0] > 32:
+    # Large inputs are downsampled first so the default stays cheap at 64-224 px.
+    x = tf.keras.layers.AveragePooling2D(pool_size=input_shape[0] // 32)(x)
+  x = tf.keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+  x = tf.keras.layers.MaxPooling2D()(x)
+  x = tf.keras.layers.Conv2D(64, 3, padding="same", activation="relu")(x)
+  x = tf.keras.layers.MaxPooling2D()(x)
+  x = tf.keras.layers.Flatten()(x)
+  x = tf.keras.layers.Dense(128, activation="relu")(x)
+  logits = tf.keras.layers.Dense(num_classes, name="logits")(x)
+  return tf.keras.Model(inputs, logits, name="small_cnn")
