@@ -1,0 +1,83 @@
+"""The TFF worker never outlives its owner: normal exit, exception, signals, SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from tff_dpmed.federated import context
+
+_SCRIPT = r"""
+import os, sys, time
+import numpy as np
+import tensorflow_federated as tff
+from tff_dpmed.federated import context
+mode = sys.argv[1]
+with context.local_runtime() as worker:
+  @tff.tensorflow.computation(np.float32)
+  def add_one(x):
+    return x + 1
+  assert add_one(np.float32(1)) == 2
+  print(f"worker {worker.process.pid}", flush=True)
+  if mode == "raise":
+    raise RuntimeError("boom")
+  if mode == "wait":
+    time.sleep(600)
+if mode == "leak":
+  # Deliberately no context manager: only the atexit hook stops this one.
+  context.WorkerProcess().start()
+  print("leaked", flush=True)
+"""
+
+
+def _start(mode):
+  return subprocess.Popen([sys.executable, "-c", _SCRIPT, mode], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+
+
+def _worker_pid(proc) -> int:
+  for line in proc.stdout:
+    if line.startswith("worker "):
+      return int(line.split()[1])
+  raise AssertionError("the script never reported its worker")
+
+
+def _gone(pid: int, timeout_s: float = 15.0) -> bool:
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+      return True
+    time.sleep(0.1)
+  return False
+
+
+@pytest.mark.parametrize("mode", ["normal", "raise", "leak"])
+def test_worker_stopped_at_exit(mode):
+  proc = _start(mode)
+  pid = _worker_pid(proc)
+  proc.wait(timeout=120)
+  assert proc.returncode == (1 if mode == "raise" else 0)
+  assert _gone(pid), f"worker {pid} outlived its owner ({mode})"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_worker_stopped_when_owner_is_signalled(signum):
+  proc = _start("wait")
+  pid = _worker_pid(proc)
+  assert psutil.pid_exists(pid)
+  os.kill(proc.pid, signum)
+  proc.wait(timeout=60)
+  assert _gone(pid), f"worker {pid} outlived an owner killed by {signal.Signals(signum).name}"
+
+
+def test_worker_output_goes_to_its_log_not_our_stdout(tmp_path):
+  with context.local_runtime(log_dir=str(tmp_path)) as worker:
+    assert worker.alive()
+    assert os.path.exists(tmp_path / "tff_worker.log")
+  assert not worker.alive()
+
