@@ -1,0 +1,207 @@
+"""Federated client datasets that share one copy of the images.
+
+A client is only a slice of one flat index array: `make_federated_train_data`
+keeps a single tensor of all images and labels, plus all clients' indices
+concatenated and an offsets vector, so 10,000 clients cost the images plus
+8 bytes per example. Each client's `tf.data` pipeline shuffles its indices
+(cheap, so the whole client is shuffled, not a window), repeats them for the
+local epochs, batches them, and only then gathers and normalises the images of
+each batch.
+"""
+
+import collections
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_dpmed.data.types import DatasetInfo
+from tff_dpmed.errors import UsageError
+
+# Mixed into the per-client shuffle seed so client i and seed+i do not collide.
+_SEED_STRIDE = 1_000_003
+# What `dataset_computation` may embed as graph constants (protobuf's hard limit is 2 GB).
+MAX_EMBEDDED_BYTES = 1 << 30
+# How a user sets each size (train.py's flags), for error messages.
+_HINTS = {"batch_size": "--client_batch_size=32", "epochs": "--client_epochs=1",
+          "shuffle_buffer": "shuffle_buffer=1000"}
+
+
+def preprocess_images(images) -> tf.Tensor:
+  """uint8 pixels -> float32 in [0, 1]. The one place the normalisation lives.
+
+  Training, evaluation and the exported serving model all call this, so they
+  cannot drift apart. Accepts a NumPy array or a tensor; returns a tensor.
+  """
+  images = tf.convert_to_tensor(images)
+  if images.dtype != tf.uint8:
+    raise UsageError(f"images to preprocess have dtype {images.dtype.name}, expected uint8: "
+                     "load them with tff_dpmed.data (which returns uint8)")
+  return tf.cast(images, tf.float32) / 255.0
+
+
+def preprocess_labels(labels, info: DatasetInfo) -> tf.Tensor:
+  """int32 class indices, or float32 multi-hot `(B, K)` for multi-label tasks."""
+  return tf.cast(labels, tf.float32 if info.multi_label else tf.int32)
+
+
+def _check_arrays(images: np.ndarray, labels: np.ndarray, info: DatasetInfo) -> None:
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise UsageError(f"images have dtype {images.dtype} and shape {images.shape}, expected "
+                     "uint8 (N, H, W, C): load them with tff_dpmed.data")
+  if tuple(images.shape[1:]) != tuple(info.image_shape):
+    raise UsageError(f"images have shape {images.shape[1:]} per example but the dataset info "
+                     f"says {tuple(info.image_shape)}: pass the info that came with the images")
+  want = (len(images), info.num_classes) if info.multi_label else (len(images),)
+  if labels.shape != want:
+    raise UsageError(f"labels have shape {labels.shape}, expected {want} for {len(images)} "
+                     f"images of a {info.task} task: pass the labels that came with the images")
+  if labels.dtype.kind not in "iub":
+    raise UsageError(f"labels have dtype {labels.dtype}, expected integers: pass the labels "
+                     "tff_dpmed.data loaded")
+  # Out-of-range labels would only fail later, deep inside the loss.
+  high = 2 if info.multi_label else info.num_classes
+  if labels.size and (labels.min() < 0 or labels.max() >= high):
+    raise UsageError(f"labels span [{labels.min()}, {labels.max()}], expected values in "
+                     f"[0, {high}) for {info.name}: pass the labels that came with the images")
+
+
+def _check_positive(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise UsageError(f"{name} must be a positive integer, got {value!r}: pass a whole "
+                     f"number >= 1 (e.g. {_HINTS[name]})")
+  return int(value)
+
+
+def _flatten_partitions(partitions: Sequence[np.ndarray], num_examples: int):
+  """Concatenated client indices and the offsets where each client starts."""
+  if len(partitions) == 0:
+    raise UsageError("no clients to build datasets for: pass at least one partition "
+                     "(see tff_dpmed.data.partition)")
+  sizes = np.array([len(p) for p in partitions], dtype=np.int64)
+  if (sizes == 0).any():
+    raise UsageError(f"client {int(np.flatnonzero(sizes == 0)[0])} has no examples: "
+                     "partition with tff_dpmed.data.partition, which never leaves one empty")
+  flat = np.concatenate([np.asarray(p) for p in partitions])
+  if flat.dtype.kind not in "iu":
+    raise UsageError(f"partition indices have dtype {flat.dtype}, expected integers: pass "
+                     "the index arrays tff_dpmed.data.partition returns")
+  if flat.min() < 0 or flat.max() >= num_examples:
+    raise UsageError(f"partition indices span [{flat.min()}, {flat.max()}] but there are "
+                     f"{num_examples} examples: partition the same array you pass here")
+  offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+  return flat.astype(np.int64), offsets
+
+
+class _SharedArrays:
+  """Arrays copied into TF once, then shared by every client's dataset.
+
+  Eager calls (`create_tf_dataset_for_client`) all reuse one eager tensor per
+  array, so building a client copies nothing. TFF serialises
+  `dataset_computation` in a plain `tf.Graph`, which cannot capture eager
+  tensors, so there the arrays become constants of that graph: the serialised
+  computation then carries the data (fine for simulation-sized data, and the
+  reason the eager path is the one to use for large data).
+  """
+
+  def __init__(self, **arrays: np.ndarray):
+    self.nbytes = sum(v.nbytes for v in arrays.values())
+    # Only the tensors are kept: the caller's NumPy arrays may be freed.
+    self.tensors = {k: tf.convert_to_tensor(v) for k, v in arrays.items()}
+
+  def get(self, name: str) -> tf.Tensor:
+    if tf.executing_eagerly() or tf.inside_function():
+      return self.tensors[name]
+    if self.nbytes > MAX_EMBEDDED_BYTES:
+      # Protobuf caps a serialised graph at 2 GB; fail with a reason, not a proto error.
+      raise UsageError(
+          f"the training data ({self.nbytes / 2**30:.2f} GiB) is too large to embed in TFF's "
+          f"dataset_computation (limit {MAX_EMBEDDED_BYTES / 2**30:.0f} GiB): use a smaller "
+          "--image_size or dataset, or build client datasets with "
+          "create_tf_dataset_for_client")
+    return tf.constant(self.tensors[name].numpy(), name=name)
+
+
+def make_federated_train_data(images: np.ndarray, labels: np.ndarray,
+                              partitions: Sequence[np.ndarray], info: DatasetInfo,
+                              batch_size: int, epochs: int = 1, seed: int = 0,
+                              shuffle_buffer: Optional[int] = None
+                              ) -> tff.simulation.datasets.ClientData:
+  """One lazily built `tf.data.Dataset` per client, over shared arrays.
+
+  Client ids are "0", "1", ... in the order of `partitions`. Each element is
+  `OrderedDict(x=float32 (B, H, W, C) in [0, 1], y=int32 (B,))`, with `y`
+  float32 `(B, K)` multi-hot for multi-label tasks.
+
+  Order of operations: shuffle -> repeat(epochs) -> batch(drop_remainder=False).
+  So every epoch is a fresh permutation of the client's examples, a client
+  yields ceil(n * epochs / batch_size) batches, and only the very last batch
+  may be short (a batch may straddle two epochs).
+
+  Args:
+    images: uint8 `(N, H, W, C)` training images (e.g. `ImageSplits.train_images`).
+    labels: int `(N,)` labels, or `(N, K)` 0/1 for multi-label.
+    partitions: one index array into `images` per client (see `partition`);
+      they may overlap (e.g. bootstrap samples), but none may be empty.
+    info: the dataset's `DatasetInfo`.
+    batch_size: examples per local batch.
+    epochs: local passes over each client's data per round.
+    seed: shuffling seed; a client's order depends only on (seed, client id)
+      and is the same every time its dataset is created.
+    shuffle_buffer: None shuffles each client completely (only int64 indices
+      are buffered); a number limits the buffer.
+
+  Returns:
+    A `tff.simulation.datasets.ClientData`; its `dataset_computation` works too.
+
+  Raises:
+    UsageError: inconsistent arrays, partitions, or non-positive sizes.
+  """
+  images, labels = np.asarray(images), np.asarray(labels)
+  _check_arrays(images, labels, info)
+  batch_size = _check_positive("batch_size", batch_size)
+  epochs = _check_positive("epochs", epochs)
+  if shuffle_buffer is not None:
+    shuffle_buffer = _check_positive("shuffle_buffer", shuffle_buffer)
+  flat, offsets = _flatten_partitions(partitions, len(images))
+  shared = _SharedArrays(images=images, labels=labels, flat=flat, offsets=offsets)
+  max_size = int(np.max(np.diff(offsets)))
+  buffer = max_size if shuffle_buffer is None else min(shuffle_buffer, max_size)
+  seed = int(seed)
+
+  def client_dataset(client_id) -> tf.data.Dataset:
+    # Python str (eager) or tf.string scalar (inside dataset_computation).
+    # The arrays are fetched here, in the caller's graph, not inside `map`'s
+    # function, whose captures must come from this outer graph.
+    images_t, labels_t = shared.get("images"), shared.get("labels")
+    flat_t, offsets_t = shared.get("flat"), shared.get("offsets")
+    client = tf.strings.to_number(client_id, out_type=tf.int64)
+    indices = flat_t[offsets_t[client]:offsets_t[client + 1]]
+    client_seed = tf.constant(seed, tf.int64) * _SEED_STRIDE + client
+
+    def gather(batch_indices):
+      return collections.OrderedDict(
+          x=preprocess_images(tf.gather(images_t, batch_indices)),
+          y=preprocess_labels(tf.gather(labels_t, batch_indices), info))
+
+    return (tf.data.Dataset.from_tensor_slices(indices)
+            .shuffle(buffer, seed=client_seed, reshuffle_each_iteration=True)
+            .repeat(epochs)
+            .batch(batch_size, drop_remainder=False)
+            .map(gather))
+
+  client_ids = [str(i) for i in range(len(offsets) - 1)]
+  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(client_ids, client_dataset)
+
+
+def make_eval_dataset(images: np.ndarray, labels: np.ndarray, info: DatasetInfo,
+                      batch_size: int) -> tf.data.Dataset:
+  """Centralised evaluation data: same elements as training, unshuffled, one pass."""
+  images, labels = np.asarray(images), np.asarray(labels)
+  _check_arrays(images, labels, info)
+  batch_size = _check_positive("batch_size", batch_size)
+  return (tf.data.Dataset.from_tensor_slices((images, labels))
+          .batch(batch_size, drop_remainder=False)
+          .map(lambda x, y: collections.OrderedDict(x=preprocess_images(x),
+                                                    y=preprocess_labels(y, info))))
