@@ -1,0 +1,86 @@
+"""Tests for tff_dpmed.privacy.calibration."""
+
+import dataclasses
+
+import dp_accounting
+import pytest
+
+from tff_dpmed.errors import UsageError
+from tff_dpmed.privacy import accounting
+from tff_dpmed.privacy import calibration
+from tff_dpmed.privacy.accounting import PrivacySetting
+
+
+def setting(**overrides) -> PrivacySetting:
+  fields = dict(dp_mode="central", noise_multiplier=0.0, num_clients=3383, clients_per_round=120,
+                sampling="poisson", delta=1e-5, accountant="rdp")
+  fields.update(overrides)
+  return PrivacySetting(**fields)
+
+
+@pytest.mark.parametrize("overrides, rounds, target", [
+    (dict(), 100, 2.0),
+    (dict(adaptive_clipping=True), 100, 1.0),
+    (dict(accountant="pld", adaptive_clipping=True), 30, 2.0),
+    (dict(sampling="fixed"), 50, 4.0),
+    (dict(sampling="all", clients_per_round=3383), 10, 3.0),
+    (dict(dp_mode="local"), 50, 10.0),
+    (dict(dp_mode="local", accountant="pld"), 50, 10.0),
+    (dict(num_clients=20, clients_per_round=4, adaptive_clipping=True), 200, 8.0),
+])
+def test_round_trip(overrides, rounds, target):
+  s = setting(**overrides)
+  z = calibration.calibrate_noise_multiplier(s, rounds, target)
+  eps = accounting.epsilon_for_rounds(dataclasses.replace(s, noise_multiplier=z), rounds)
+  assert 0.98 * target <= eps <= target
+  # Smallest: 0.1% less noise no longer meets the target.
+  less = accounting.epsilon_for_rounds(dataclasses.replace(s, noise_multiplier=z * 0.999), rounds)
+  assert less > target
+
+
+def test_setting_noise_multiplier_is_ignored():
+  a = calibration.calibrate_noise_multiplier(setting(noise_multiplier=0.0), 100, 2.0)
+  b = calibration.calibrate_noise_multiplier(setting(noise_multiplier=5.0), 100, 2.0)
+  assert a == b
+
+
+def test_choose_clipped_count_stddev():
+  assert calibration.choose_clipped_count_stddev(0.0, 120) == 0.0
+  assert calibration.choose_clipped_count_stddev(1.2, 120) == pytest.approx(6.0)  # TFF default.
+  assert calibration.choose_clipped_count_stddev(1.2, 4) == 1.2  # Small cohort: s = z.
+  for z, cohort in [(0.3, 1), (1.2, 4), (1.2, 23), (5.0, 100), (50.0, 3383)]:
+    s = calibration.choose_clipped_count_stddev(z, cohort)
+    assert z < 2 * s  # TFF would raise otherwise.
+    z_v, s_used = accounting.adaptive_noise_split(
+        setting(noise_multiplier=z, clients_per_round=cohort, num_clients=5000,
+                adaptive_clipping=True))
+    assert s_used == s
+    assert z_v <= z / (0.75**0.5) * (1 + 1e-12)  # At most ~1.155x more update noise.
+    # Whatever s is, the composed event accounts exactly as one Gaussian with z.
+    composed = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z_v),
+                                              dp_accounting.GaussianDpEvent(2 * s)])
+    eps = [dp_accounting.rdp.RdpAccountant().compose(
+        dp_accounting.PoissonSampledDpEvent(0.03, e), 100).get_epsilon(1e-5)
+           for e in (composed, dp_accounting.GaussianDpEvent(z))]
+    assert eps[0] == pytest.approx(eps[1], rel=1e-9)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(target_epsilon=1e-4, s=setting(sampling="all", clients_per_round=3383)),
+     "not reachable: even noise_multiplier=10000"),
+    (dict(target_epsilon=0.0), "positive"),
+    (dict(target_epsilon=-1.0), "positive"),
+    (dict(target_epsilon=float("nan")), "positive"),
+    (dict(target_epsilon=float("inf")), "positive"),
+    (dict(rounds=0), "at least 1"),
+    (dict(s=setting(dp_mode="none")), "nothing to calibrate"),
+    (dict(s=setting(sampling="fixed", accountant="pld")), "pld"),
+    (dict(s=setting(adaptive_clipping=True, clipped_count_stddev=0.3), target_epsilon=0.5),
+     "clipped_count_stddev"),
+])
+def test_bad_input_is_a_one_line_usage_error(kwargs, words):
+  s = kwargs.get("s", setting())
+  with pytest.raises(UsageError) as e:
+    calibration.calibrate_noise_multiplier(s, kwargs.get("rounds", 100),
+                                           kwargs.get("target_epsilon", 2.0))
+  assert words in str(e.value) and "\n" not in str(e.value)
