@@ -1,0 +1,397 @@
+"""Exports a trained classifier as a versioned SavedModel that TF Serving loads.
+
+Layout, exactly what `tensorflow_model_server` expects under a model base path:
+
+  <export_base>/models.config                  for --model_config_file
+  <export_base>/<model_name>/<version>/        one SavedModel per version
+      saved_model.pb, variables/
+      assets.extra/tff_dpmed_metadata.json     dataset, privacy guarantee, config
+
+Signatures (all share the same outputs):
+
+  serving_default, predict   images: uint8 [batch, H, W, C], the dataset's form.
+  predict_image_bytes        image_bytes: string [batch] of PNG or JPEG files,
+                             decoded and resized to H x W inside the graph.
+
+  outputs: probabilities float32 [batch, K] (softmax, or one sigmoid per label
+           for multi-label tasks), class_index int64 [batch] (argmax of the
+           probabilities), class_name string [batch] (class_names[class_index]).
+
+For multi-label tasks class_index/class_name are still the argmax, i.e. the most
+probable label; a caller that wants every present label thresholds
+`probabilities` itself. Preprocessing (uint8 / 255) lives inside the graph, so
+clients send raw pixels and never need to know the normalisation; it is the
+data layer's `preprocess_images`, the same function training uses.
+"""
+
+import datetime
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+import tff_dpmed
+from tff_dpmed.data.types import DatasetInfo
+from tff_dpmed.errors import UsageError
+from tff_dpmed.models import probabilities
+
+SIGNATURE_IMAGES = "serving_default"
+SIGNATURE_PREDICT = "predict"
+SIGNATURE_IMAGE_BYTES = "predict_image_bytes"
+INPUT_IMAGES = "images"
+INPUT_IMAGE_BYTES = "image_bytes"
+OUTPUT_PROBABILITIES = "probabilities"
+OUTPUT_CLASS_INDEX = "class_index"
+OUTPUT_CLASS_NAME = "class_name"
+
+METADATA_DIR = "assets.extra"
+METADATA_FILENAME = "tff_dpmed_metadata.json"
+MODELS_CONFIG_FILENAME = "models.config"
+# The folder TF Serving's docker image serves from; models.config points there.
+DEFAULT_SERVING_ROOT = "/models"
+
+# An encoded image may declare at most this many pixels: a tiny PNG can declare
+# 50000 x 50000 and would need gigabytes to decode, taking the server down.
+MAX_DECODED_PIXELS = 8192 * 8192
+
+# Keys this module writes into the metadata json; callers' keys must not clash.
+_RESERVED_METADATA_KEYS = ("dataset_info", "serving")
+# TF Serving's REST paths take the model name as one URL segment ([^/:]+).
+_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def check_model_name(model_name: str) -> None:
+  """Raises UsageError unless `model_name` works as a folder and a URL segment."""
+  if not isinstance(model_name, str) or not _MODEL_NAME_RE.match(model_name):
+    raise UsageError(
+        f"model name {model_name!r} is not usable: use letters, digits, '.', "
+        "'_' or '-', starting with a letter or digit")
+
+
+def list_versions(model_dir: str) -> list[int]:
+  """The integer version folders under `model_dir`, ascending (none if absent).
+
+  Only folder names that are plain decimal integers count, as in TF Serving;
+  the temporary folders `export_saved_model` writes into do not.
+  """
+  try:
+    names = os.listdir(model_dir)
+  except FileNotFoundError:
+    return []
+  return sorted(
+      int(n) for n in names
+      if n.isdigit() and n.isascii() and os.path.isdir(os.path.join(model_dir, n)))
+
+
+def read_export_metadata(version_dir: str) -> dict:
+  """Reads `assets.extra/tff_dpmed_metadata.json` of one exported version."""
+  path = os.path.join(version_dir, METADATA_DIR, METADATA_FILENAME)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise UsageError(f"{path} does not exist: is {version_dir} a version folder "
+                     "written by tff_dpmed's export?") from None
+  except (OSError, ValueError) as e:
+    raise UsageError(f"cannot read {path}: {e}") from None
+
+
+def export_saved_model(keras_model: tf.keras.Model, info: DatasetInfo,
+                       export_base: str, model_name: str,
+                       metadata: Optional[dict]) -> str:
+  """Writes `keras_model` as the next version of `model_name` for TF Serving.
+
+  The new version is 1 + the largest existing integer version. It is written
+  into a hidden temporary folder beside the versions and renamed into place,
+  so a server polling the folder never sees a half-written version. Existing
+  versions are never touched. Also (re)writes `<export_base>/models.config`.
+
+  Args:
+    keras_model: Maps float32 images in [0, 1], (batch, H, W, C), to logits
+      (batch, K), as `tff_dpmed.models.build_model` builds.
+    info: The dataset the model was trained on.
+    export_base: Folder holding one sub-folder per model name.
+    model_name: The name clients use (`ModelSpec.name`, `/v1/models/<name>`).
+    metadata: JSON-serialisable facts that travel with the model: DP mode,
+      epsilon, delta, accountant, training config, ... Written at the top level
+      of `assets.extra/tff_dpmed_metadata.json`.
+
+  Returns:
+    The path of the new version folder.
+
+  Raises:
+    UsageError: on a bad model name, dataset info, model or metadata.
+  """
+  check_model_name(model_name)
+  _check_info(info)
+  _check_model_output(keras_model, info)
+  metadata = dict(metadata or {})
+  clash = [k for k in _RESERVED_METADATA_KEYS if k in metadata]
+  if clash:
+    raise UsageError(f"metadata keys {clash} are written by the export itself; "
+                     "rename them")
+
+  model_dir = os.path.join(export_base, model_name)
+  os.makedirs(model_dir, exist_ok=True)
+  # A hidden, non-integer name: neither this server nor TF Serving loads it.
+  tmp_dir = tempfile.mkdtemp(prefix=".tmp-export-", dir=model_dir)
+  try:
+    # mkdtemp makes it private (0700); a served model must be world-readable.
+    os.chmod(tmp_dir, 0o755)
+    module, signatures = _serving_module(keras_model, info)
+    tf.saved_model.save(module, tmp_dir, signatures=signatures)
+    final_dir = _rename_to_next_version(tmp_dir, model_dir, info, model_name,
+                                        metadata)
+  except BaseException:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    raise
+  write_models_config(export_base, model_name)
+  return final_dir
+
+
+def write_models_config(export_base: str, model_name: str,
+                        serving_root: str = DEFAULT_SERVING_ROOT) -> str:
+  """Writes `<export_base>/models.config` for TF Serving's --model_config_file.
+
+  TF Serving requires absolute base paths, so each model's base_path is
+  `<serving_root>/<model_name>`: with the default, mount `<export_base>` at
+  `/models` in the `tensorflow/serving` container. Models already listed in an
+  existing config are kept, so several models can share one export base. The
+  version policy is `all`, as `tff_dpmed.serve` keeps every version
+  addressable; the file is replaced atomically.
+
+  Returns:
+    The path of the config file.
+  """
+  check_model_name(model_name)
+  path = os.path.join(export_base, MODELS_CONFIG_FILENAME)
+  config = model_server_config_pb2.ModelServerConfig()
+  if os.path.exists(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        text_format.Parse(f.read(), config)
+    except (OSError, text_format.ParseError) as e:
+      raise UsageError(f"cannot update {path}: {e}; delete it and export again"
+                       ) from None
+  entries = config.model_config_list.config
+  kept = [c for c in entries if c.name != model_name]
+  del entries[:]
+  entries.extend(kept)
+  entry = entries.add()
+  entry.name = model_name
+  entry.base_path = serving_root.rstrip("/") + "/" + model_name
+  entry.model_platform = "tensorflow"
+  entry.model_version_policy.all.SetInParent()
+  os.makedirs(export_base, exist_ok=True)
+  _write_atomically(path, text_format.MessageToString(config))
+  return path
+
+
+def _check_info(info: DatasetInfo) -> None:
+  shape = tuple(info.image_shape)
+  if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+    raise UsageError(f"image_shape {info.image_shape} must be (height, width, "
+                     "channels) of positive integers")
+  if shape[2] not in (1, 3, 4):
+    raise UsageError(f"images with {shape[2]} channels cannot be decoded from "
+                     "PNG/JPEG; use 1, 3 or 4 channels")
+  if info.num_classes < 1:
+    raise UsageError("dataset info has no class names")
+
+
+def _check_model_output(keras_model: tf.keras.Model, info: DatasetInfo) -> None:
+  try:
+    out_shape = keras_model.output_shape
+  except (AttributeError, RuntimeError):
+    return  # A subclassed model that was never built: the trace will tell.
+  if isinstance(out_shape, tuple) and out_shape and out_shape[-1] not in (
+      None, info.num_classes):
+    raise UsageError(f"the model outputs {out_shape[-1]} logits but dataset "
+                     f"{info.name} has {info.num_classes} classes")
+
+
+def _serving_module(keras_model: tf.keras.Model, info: DatasetInfo):
+  """A tf.Module with the serving functions, and the signatures map."""
+  # Imported here, not at the top: client_data pulls in TFF, which the
+  # server (it imports this module's constants) has no use for.
+  from tff_dpmed.data.client_data import preprocess_images  # pylint: disable=g-import-not-at-top
+
+  height, width, channels = (int(d) for d in info.image_shape)
+  class_names = tf.constant(list(info.class_names), dtype=tf.string)
+
+  def outputs_for(images: tf.Tensor) -> dict[str, tf.Tensor]:
+    # Training's own normalisation, inside the graph so clients send pixels.
+    logits = keras_model(preprocess_images(images), training=False)
+    probs = tf.cast(probabilities(info, logits), tf.float32)
+    index = tf.argmax(probs, axis=-1, output_type=tf.int64)
+    return {
+        OUTPUT_PROBABILITIES: probs,
+        OUTPUT_CLASS_INDEX: index,
+        OUTPUT_CLASS_NAME: tf.gather(class_names, index),
+    }
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, height, width, channels], tf.uint8, name=INPUT_IMAGES)])
+  def serve_images(images):
+    return outputs_for(images)
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None], tf.string, name=INPUT_IMAGE_BYTES)])
+  def serve_image_bytes(image_bytes):
+    images = tf.map_fn(
+        lambda data: _decode_image(data, height, width, channels),
+        image_bytes,
+        fn_output_signature=tf.TensorSpec([height, width, channels], tf.uint8))
+    return outputs_for(images)
+
+  module = tf.Module()
+  # Only the variables, not the Keras object: the SavedModel then holds just
+  # the serving graphs, and saving does not retrace every Keras layer.
+  module.model_variables = list(keras_model.variables)
+  module.serve_images = serve_images
+  module.serve_image_bytes = serve_image_bytes
+  images_fn = serve_images.get_concrete_function()
+  signatures = {
+      SIGNATURE_IMAGES: images_fn,
+      SIGNATURE_PREDICT: images_fn,
+      SIGNATURE_IMAGE_BYTES: serve_image_bytes.get_concrete_function(),
+  }
+  return module, signatures
+
+
+def _decode_image(data: tf.Tensor, height: int, width: int,
+                  channels: int) -> tf.Tensor:
+  """One PNG/JPEG file -> uint8 [height, width, channels]; InvalidArgument if bad.
+
+  Resizing is bilinear with antialiasing (which only acts when shrinking),
+  rounded back to uint8; an image already height x width is passed through
+  unchanged, so a PNG of a dataset image gives exactly the uint8 input.
+  """
+  is_png = tf.equal(tf.strings.substr(data, 0, len(_PNG_MAGIC)), _PNG_MAGIC)
+  is_jpeg = tf.equal(tf.strings.substr(data, 0, len(_JPEG_MAGIC)), _JPEG_MAGIC)
+  checks = [tf.debugging.Assert(
+      tf.logical_or(is_png, is_jpeg),
+      ["image_bytes must hold PNG or JPEG files (over REST, send each as a "
+       "b64 object)"])]
+  with tf.control_dependencies(checks):
+    pixels = tf.cond(is_png, lambda: _png_declared_pixels(data),
+                     lambda: _jpeg_declared_pixels(data))
+  too_big = tf.debugging.Assert(
+      tf.less_equal(pixels, MAX_DECODED_PIXELS),
+      [tf.strings.format("image declares {} pixels; at most {} are accepted",
+                         (pixels, MAX_DECODED_PIXELS))])
+  with tf.control_dependencies([too_big]):
+    image = tf.io.decode_image(data, channels=channels, dtype=tf.uint8,
+                               expand_animations=False)
+  image.set_shape([None, None, channels])
+  shape = tf.shape(image)
+  same_size = tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width))
+
+  def resize():
+    resized = tf.image.resize(image, [height, width], antialias=True)
+    return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
+
+  return tf.cond(same_size, lambda: image, resize)
+
+
+def _png_declared_pixels(data: tf.Tensor) -> tf.Tensor:
+  # IHDR is always first: width and height are big-endian uint32 at bytes 16-23.
+  long_enough = tf.debugging.Assert(tf.strings.length(data) >= 24,
+                                    ["truncated PNG file"])
+  with tf.control_dependencies([long_enough]):
+    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 16, 8), tf.uint8),
+                  tf.int64)
+  weights = tf.constant([1 << 24, 1 << 16, 1 << 8, 1], tf.int64)
+  width = tf.reduce_sum(raw[:4] * weights)
+  height = tf.reduce_sum(raw[4:] * weights)
+  return width * height
+
+
+def _jpeg_declared_pixels(data: tf.Tensor) -> tf.Tensor:
+  shape = tf.image.extract_jpeg_shape(data, output_type=tf.int32)
+  return tf.cast(shape[0], tf.int64) * tf.cast(shape[1], tf.int64)
+
+
+def _rename_to_next_version(tmp_dir: str, model_dir: str, info: DatasetInfo,
+                            model_name: str, metadata: dict) -> str:
+  """Moves the finished SavedModel to the next free version; returns its path."""
+  while True:
+    version = max(list_versions(model_dir), default=0) + 1
+    _write_metadata(tmp_dir, info, model_name, version, metadata)
+    final_dir = os.path.join(model_dir, str(version))
+    try:
+      # Atomic, and fails instead of replacing if another export took `version`.
+      os.rename(tmp_dir, final_dir)
+      return final_dir
+    except OSError:
+      if not os.path.isdir(final_dir):
+        raise
+
+
+def _write_metadata(saved_model_dir: str, info: DatasetInfo, model_name: str,
+                    version: int, metadata: dict) -> None:
+  doc = dict(metadata)
+  doc["dataset_info"] = info.to_json()
+  doc["serving"] = {
+      "model_name": model_name,
+      "version": version,
+      "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "tff_dpmed_version": tff_dpmed.__version__,
+      "tensorflow_version": tf.__version__,
+      "signatures": {
+          SIGNATURE_IMAGES: {INPUT_IMAGES: "uint8 [batch, H, W, C]"},
+          SIGNATURE_PREDICT: {INPUT_IMAGES: "uint8 [batch, H, W, C]"},
+          SIGNATURE_IMAGE_BYTES: {INPUT_IMAGE_BYTES: "string [batch], PNG or JPEG"},
+      },
+      "outputs": {
+          OUTPUT_PROBABILITIES: "float32 [batch, K]: " + (
+              "one sigmoid per label" if info.multi_label else "softmax"),
+          OUTPUT_CLASS_INDEX: "int64 [batch]: argmax of probabilities" + (
+              " (the most probable label; threshold probabilities for all)"
+              if info.multi_label else ""),
+          OUTPUT_CLASS_NAME: "string [batch]: class_names[class_index]",
+      },
+  }
+  try:
+    text = json.dumps(doc, indent=2, sort_keys=True, default=_json_default)
+  except (TypeError, ValueError) as e:
+    raise UsageError(f"export metadata is not JSON-serialisable: {e}") from None
+  os.makedirs(os.path.join(saved_model_dir, METADATA_DIR), exist_ok=True)
+  with open(os.path.join(saved_model_dir, METADATA_DIR, METADATA_FILENAME), "w",
+            encoding="utf-8") as f:
+    f.write(text + "\n")
+
+
+def _json_default(value: Any) -> Any:
+  # Training configs often carry numpy scalars and tuples-as-arrays.
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, (set, frozenset)):
+    return sorted(value)
+  raise TypeError(f"{type(value).__name__} value {value!r} is not JSON-serialisable")
+
+
+def _write_atomically(path: str, text: str) -> None:
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                             dir=os.path.dirname(path) or ".")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
