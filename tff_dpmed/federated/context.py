@@ -160,11 +160,12 @@ def local_runtime(*, max_concurrent_computation_calls: int = -1,
   worker = WorkerProcess(max_concurrent_computation_calls=max_concurrent_computation_calls,
                          log_path=log_path).start()
   stack = tff.framework.get_context_stack()
+  previous = stack.current  # An error context, or an enclosing runtime's.
   stack.set_default_context(_make_context([worker.address]))
   try:
     yield worker
   finally:
-    _set_no_runtime_context()
+    stack.set_default_context(previous)
     worker.stop()
 
 

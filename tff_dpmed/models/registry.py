@@ -34,3 +34,4 @@ def loss_for(info: DatasetInfo) -> tf.keras.losses.Loss:
 def probabilities(info: DatasetInfo, logits: tf.Tensor) -> tf.Tensor:
   """The probabilities that `loss_for(info)` models."""
   return tf.sigmoid(logits) if info.multi_label else tf.nn.softmax(logits)
+

@@ -1,0 +1,67 @@
+"""Wraps a Keras model as a TFF model and builds the DP-FedAvg learning process."""
+
+import collections
+import dataclasses
+from typing import Optional
+
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_dpmed import models
+from tff_dpmed.data.types import DatasetInfo
+from tff_dpmed.privacy.aggregators import build_model_aggregator
+from tff_dpmed.privacy.dp_config import DPConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  client_learning_rate: float = 0.05
+  server_learning_rate: float = 1.0
+  server_momentum: float = 0.9
+
+
+def metrics_constructor(info: DatasetInfo) -> collections.OrderedDict:
+  """Train metrics: the loss (as a metric, so TFF reports it) and accuracy."""
+  if info.multi_label:
+    return collections.OrderedDict(
+        loss=lambda: tf.keras.metrics.BinaryCrossentropy(from_logits=True, name="loss"),
+        accuracy=lambda: tf.keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0))
+  return collections.OrderedDict(
+      loss=lambda: tf.keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="loss"),
+      accuracy=lambda: tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
+
+
+def make_functional_model(model_name: str, info: DatasetInfo, input_spec,
+                          seed: Optional[int] = None) -> tff.learning.models.FunctionalModel:
+  """The Keras model as TFF pure functions of its weights.
+
+  A functional model is built once, eagerly. A `VariableModel` (from_keras_model)
+  would be rebuilt by TFF inside v1 graphs, and Keras then globally swaps its
+  layer base classes to v1, breaking every eager Keras model in the process
+  (the evaluation and export model). Our models have no non-trainable state
+  (no BatchNorm), which functional models require.
+  """
+  return tff.learning.models.functional_model_from_keras(
+      models.build_model(model_name, info, seed=seed),
+      loss_fn=models.loss_for(info),
+      input_spec=input_spec,
+      metrics_constructor=metrics_constructor(info))
+
+
+def build_learning_process(model, dp: DPConfig, opt: OptimizerConfig):
+  """DP-FedAvg: uniform client weighting, as client-level DP needs bounded per-client influence.
+
+  Returns the process and what the DP aggregator chose (e.g. the clipped-count
+  stddev for small cohorts), for the run's log and summary.
+  """
+  aggregator, dp_choices = build_model_aggregator(dp)
+  client_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=opt.client_learning_rate)
+  server_optimizer = tff.learning.optimizers.build_sgdm(
+      learning_rate=opt.server_learning_rate,
+      momentum=opt.server_momentum if opt.server_momentum > 0 else None)
+  process = tff.learning.algorithms.build_unweighted_fed_avg(
+      model,
+      client_optimizer_fn=client_optimizer,
+      server_optimizer_fn=server_optimizer,
+      model_aggregator=aggregator)
+  return process, dp_choices

@@ -1,0 +1,74 @@
+"""What a run leaves behind besides metrics: config, final weights, the SavedModel."""
+
+import json
+import os
+
+import numpy as np
+
+from tff_dpmed import models
+from tff_dpmed.data.types import DatasetInfo
+from tff_dpmed.errors import UsageError
+from tff_dpmed.program.config import RunConfig
+
+# Changing these between a run and its resume would make the resumed state or
+# its privacy accounting meaningless.
+_RESUME_KEYS = ("dataset", "image_size", "num_clients", "partition", "dirichlet_alpha", "model",
+                "clients_per_round", "sampling", "client_epochs", "client_batch_size",
+                "dp_mode", "noise_multiplier", "clip_mode", "clip", "delta", "accountant",
+                "seed", "clipped_count_stddev")
+FINAL_WEIGHTS = "final_weights.npz"
+
+
+def check_resume_compatible(run_dir: str, cfg: RunConfig) -> None:
+  path = os.path.join(run_dir, "config.json")
+  if cfg.restart or not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)["config"]
+  changed = [k for k in _RESUME_KEYS if old.get(k) != getattr(cfg, k)]
+  if changed:
+    raise UsageError(
+        f"{run_dir} holds a run with different {', '.join(changed)}: rerun with the same "
+        "flags to resume, pass --restart to discard it, or use another --experiment_name")
+
+
+def save_final_weights(run_dir: str, keras_model) -> None:
+  path = os.path.join(run_dir, FINAL_WEIGHTS)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, *keras_model.get_weights())
+  os.replace(tmp, path)
+
+
+def load_final_weights(run_dir: str) -> list:
+  with np.load(os.path.join(run_dir, FINAL_WEIGHTS), allow_pickle=False) as f:
+    return [f[f"arr_{i}"] for i in range(len(f.files))]
+
+
+def export_final_model(run_dir: str, keras_model, info: DatasetInfo, summary: dict) -> str:
+  """Exports a new SavedModel version in TF Serving's layout; returns its path."""
+  from tff_dpmed.serving import export as export_lib  # Keeps TF Serving code off the import path.
+  config = summary["config"]
+  metadata = {"model_name": config["model"], "dataset": info.to_json(),
+              "privacy": summary["privacy"], "training_config": config,
+              "test_accuracy": summary["test_accuracy"], "test_auc": summary["test_auc"]}
+  base = os.path.join(run_dir, "saved_model")
+  path = export_lib.export_saved_model(keras_model, info, base, config["model"], metadata)
+  export_lib.write_models_config(base, config["model"])
+  return path
+
+
+def load_trained_model(run_dir: str):
+  """(keras_model, info, metadata) of a finished run, for re-export."""
+  summary_path = os.path.join(run_dir, "summary.json")
+  if not os.path.exists(summary_path) or not os.path.exists(os.path.join(run_dir, FINAL_WEIGHTS)):
+    raise UsageError(f"{run_dir} has no finished run (summary.json and {FINAL_WEIGHTS}): "
+                     "pass the folder of a run that completed")
+  with open(summary_path) as f:
+    summary = json.load(f)
+  info = DatasetInfo.from_json(summary["dataset"])
+  keras_model = models.build_model(summary["config"]["model"], info)
+  keras_model.set_weights(load_final_weights(run_dir))
+  metadata = {"model_name": summary["config"]["model"], "dataset": info.to_json(),
+              "privacy": summary["privacy"], "training_config": summary["config"],
+              "test_accuracy": summary["test_accuracy"], "test_auc": summary["test_auc"]}
+  return keras_model, info, metadata

@@ -1,0 +1,130 @@
+"""Train a medical image classifier with DP-FedAvg across simulated hospitals.
+
+  python -m tff_dpmed.train --noise_multiplier=1.1 --data_dir=../shared/data/medmnist
+
+Writes <output_dir>/<experiment_name>/: metrics.csv, summary.json, tensorboard/,
+checkpoints/, saved_model/<model>/<version>/. Rerunning the same command resumes.
+"""
+
+import json
+import sys
+
+from absl import flags
+from absl import logging
+
+from tff_dpmed import cli
+# TensorFlow must be imported before absl's app.run calls main: imported first
+# inside main, Keras fails to build functional models (Flatten sees None).
+from tff_dpmed.program import trainer
+from tff_dpmed.program.config import (ACCOUNTANTS, CLIP_MODES, DP_MODES, PARTITIONS, SAMPLINGS,
+                                      RunConfig)
+
+_D = RunConfig()
+FLAGS = flags.FLAGS
+
+# Data.
+flags.DEFINE_string("dataset", _D.dataset, "A MedMNIST 2-D name (pneumoniamnist, bloodmnist, "
+                    "chestmnist, ...), tfds:NAME for a TFDS image dataset, or folder:PATH for a "
+                    "folder with one sub-folder of images per class.")
+flags.DEFINE_enum("image_size", str(_D.image_size), ["28", "64", "128", "224"],
+                  "Image side in pixels: picks <name>.npz (28) or <name>_<size>.npz.")
+flags.DEFINE_string("data_dir", None, "Folder with the dataset files. Default: "
+                    "$TFF_DPMED_DATA_DIR, else the user cache folder (downloads go there).")
+flags.DEFINE_bool("download", _D.download, "Download a missing MedMNIST file (MD5-checked).")
+flags.DEFINE_integer("num_clients", _D.num_clients, "Simulated institutions (privacy units).")
+flags.DEFINE_enum("partition", _D.partition, PARTITIONS, "How examples are split over clients.")
+flags.DEFINE_float("dirichlet_alpha", _D.dirichlet_alpha,
+                   "Label-skew concentration for --partition=dirichlet; smaller is more skewed.")
+# Model and optimisation.
+flags.DEFINE_string("model", _D.model, "cnn (small, fast default) or resnet18 (GroupNorm).")
+flags.DEFINE_integer("rounds", _D.rounds, "Federated rounds.")
+flags.DEFINE_integer("clients_per_round", _D.clients_per_round,
+                     "Expected clients per round (exact for --sampling=fixed).")
+flags.DEFINE_enum("sampling", _D.sampling, SAMPLINGS, "Client sampling, as the accountant "
+                  "assumes it: poisson (each client with q=clients_per_round/num_clients), "
+                  "fixed (uniform without replacement), all.")
+flags.DEFINE_integer("client_epochs", _D.client_epochs, "Local epochs per round.")
+flags.DEFINE_integer("client_batch_size", _D.client_batch_size, "Local batch size.")
+flags.DEFINE_float("client_learning_rate", _D.client_learning_rate, "Client SGD learning rate.")
+flags.DEFINE_float("server_learning_rate", _D.server_learning_rate, "Server learning rate.")
+flags.DEFINE_float("server_momentum", _D.server_momentum, "Server SGD momentum (0 = none).")
+# Privacy.
+flags.DEFINE_enum("dp_mode", _D.dp_mode, DP_MODES, "central: the server adds noise once to "
+                  "the clipped sum; local: each client noises its own update; none: baseline.")
+flags.DEFINE_float("noise_multiplier", None, "Noise stddev / clip norm (z).")
+flags.DEFINE_float("target_epsilon", None, "Instead of --noise_multiplier: the smallest noise "
+                   "that meets this epsilon after --rounds.")
+flags.DEFINE_float("max_epsilon", None, "Stop cleanly before a round would exceed this epsilon.")
+flags.DEFINE_float("delta", None, "Target delta. Default: below 1/num_clients.")
+flags.DEFINE_enum("accountant", _D.accountant, ACCOUNTANTS, "auto = PLD where it applies, else RDP.")
+flags.DEFINE_enum("clip_mode", _D.clip_mode, CLIP_MODES, "adaptive (Andrew et al. 2021) or fixed.")
+flags.DEFINE_float("clip", _D.clip, "Fixed clip norm, or the initial one for adaptive clipping.")
+flags.DEFINE_float("target_unclipped_quantile", _D.target_unclipped_quantile,
+                   "Adaptive clipping: the quantile of update norms to track.")
+flags.DEFINE_float("adaptive_clip_learning_rate", _D.adaptive_clip_learning_rate,
+                   "Adaptive clipping: geometric learning rate of the clip norm.")
+flags.DEFINE_float("clipped_count_stddev", None, "Adaptive clipping: noise on the clipped "
+                   "count. Default: max(0.05*clients_per_round, noise_multiplier), so small "
+                   "cohorts work (TFF's 0.05*clients_per_round alone fails below ~12 at z=1.1).")
+# Program.
+flags.DEFINE_integer("rounds_per_eval", _D.rounds_per_eval, "Evaluate on val every N rounds.")
+flags.DEFINE_integer("rounds_per_checkpoint", _D.rounds_per_checkpoint,
+                     "Checkpoint every N rounds (and on SIGINT/SIGTERM).")
+flags.DEFINE_string("output_dir", _D.output_dir, "Root folder for runs.")
+flags.DEFINE_string("experiment_name", _D.experiment_name, "Run folder under --output_dir.")
+flags.DEFINE_integer("seed", None, "Seed for splits, sampling, init and local-DP noise. For "
+                     "debugging only: seeded noise is predictable. Default: non-deterministic.")
+flags.DEFINE_bool("restart", False, "Discard the run folder's checkpoints and metrics.")
+flags.DEFINE_bool("audit", False, "Run a membership-inference audit on the final model.")
+flags.DEFINE_integer("max_concurrent_computation_calls", -1,
+                     "Bound on parallel client computations in the TFF worker (-1 = no bound).")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def config_from_flags() -> RunConfig:
+  return RunConfig(
+      dataset=FLAGS.dataset, image_size=int(FLAGS.image_size), data_dir=FLAGS.data_dir,
+      download=FLAGS.download, num_clients=FLAGS.num_clients, partition=FLAGS.partition,
+      dirichlet_alpha=FLAGS.dirichlet_alpha, model=FLAGS.model, rounds=FLAGS.rounds,
+      clients_per_round=FLAGS.clients_per_round, sampling=FLAGS.sampling,
+      client_epochs=FLAGS.client_epochs, client_batch_size=FLAGS.client_batch_size,
+      client_learning_rate=FLAGS.client_learning_rate,
+      server_learning_rate=FLAGS.server_learning_rate, server_momentum=FLAGS.server_momentum,
+      dp_mode=FLAGS.dp_mode, noise_multiplier=FLAGS.noise_multiplier,
+      target_epsilon=FLAGS.target_epsilon, max_epsilon=FLAGS.max_epsilon, delta=FLAGS.delta,
+      accountant=FLAGS.accountant, clip_mode=FLAGS.clip_mode, clip=FLAGS.clip,
+      target_unclipped_quantile=FLAGS.target_unclipped_quantile,
+      adaptive_clip_learning_rate=FLAGS.adaptive_clip_learning_rate,
+      clipped_count_stddev=FLAGS.clipped_count_stddev, rounds_per_eval=FLAGS.rounds_per_eval,
+      rounds_per_checkpoint=FLAGS.rounds_per_checkpoint, output_dir=FLAGS.output_dir,
+      experiment_name=FLAGS.experiment_name, seed=FLAGS.seed, restart=FLAGS.restart,
+      audit=FLAGS.audit, max_concurrent_computation_calls=FLAGS.max_concurrent_computation_calls)
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}: all options are --flags (see --helpfull)")
+  logging.set_verbosity(logging.WARNING)
+  run = trainer.prepare(config_from_flags())
+  try:
+    summary = trainer.train(run, show_progress=FLAGS.progress)
+  except trainer.TrainingError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  p = summary["privacy"]
+  eps = "inf (no DP)" if p["epsilon"] is None else f"{p['epsilon']:.3f}"
+  print(f"test accuracy {summary['test_accuracy']:.4f}  test AUC {summary['test_auc']:.4f}  "
+        f"epsilon {eps}  delta {p['delta']}  ({p['dp_mode']} DP, round "
+        f"{summary['selected_round']} of {summary['rounds_completed']}, "
+        f"{summary['wall_seconds']:.0f}s)")
+  print(f"run folder: {run.config.run_dir}   SavedModel: {summary['saved_model']}")
+  print(json.dumps({k: summary[k] for k in ("test_accuracy", "test_auc")} |
+                   {"epsilon": p["epsilon"], "delta": p["delta"]}))
+
+
+def run():
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()
