@@ -84,3 +84,17 @@ def test_bad_input_is_a_one_line_usage_error(kwargs, words):
     calibration.calibrate_noise_multiplier(s, kwargs.get("rounds", 100),
                                            kwargs.get("target_epsilon", 2.0))
   assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pld_reaches_a_target_that_rdp_cannot():
+  # At 2 rounds, RDP cannot get below epsilon ~0.0035 with any z <= 1e4, but
+  # PLD can reach 0.001; PLD's calibration must not give up on RDP's verdict.
+  setting = PrivacySetting(dp_mode="central", noise_multiplier=1.0, num_clients=10,
+                           clients_per_round=5, sampling="poisson", delta=1e-5,
+                           accountant="pld")
+  with pytest.raises(UsageError):
+    calibration.calibrate_noise_multiplier(
+        dataclasses.replace(setting, accountant="rdp"), 2, 0.001)
+  z = calibration.calibrate_noise_multiplier(setting, 2, 0.001)
+  eps = accounting.epsilon_for_rounds(dataclasses.replace(setting, noise_multiplier=z), 2)
+  assert 0.98 * 0.001 <= eps <= 0.001

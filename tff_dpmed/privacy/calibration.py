@@ -100,8 +100,11 @@ def calibrate_noise_multiplier(setting: accounting.PrivacySetting, rounds: int,
   # RDP is cheap everywhere; PLD (slow for tiny z) starts from the RDP answer.
   guess = 1.0
   if kind == "pld":
-    guess = calibrate_noise_multiplier(
-        dataclasses.replace(setting, accountant="rdp"), rounds, target)
+    try:
+      guess = calibrate_noise_multiplier(
+          dataclasses.replace(setting, accountant="rdp"), rounds, target)
+    except UsageError:
+      guess = z_max  # RDP is looser: PLD may still reach a target RDP cannot.
   lo, hi = _bracket(epsilon, target, guess, z_max)
 
   state = {}

@@ -61,6 +61,8 @@ def _log(message: str) -> None:
 def prepare(cfg: RunConfig) -> PreparedRun:
   """Validates flags and data and resolves derived settings; writes nothing."""
   cfg.validate()
+  if cfg.model not in models.MODEL_NAMES:
+    raise UsageError(f"unknown model '{cfg.model}': use one of {', '.join(models.MODEL_NAMES)}")
   notes = []
   _check_output_dir_writable(cfg.output_dir)
   splits = data_registry.load_dataset(cfg.dataset, image_size=cfg.image_size,
