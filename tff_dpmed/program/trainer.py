@@ -19,6 +19,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+from tensorflow_federated.python.aggregators import differential_privacy as tff_dp
 import tqdm
 
 from tff_dpmed import models
@@ -241,6 +242,7 @@ def _train_with_runtime(run: PreparedRun, checkpointer: Checkpointer, start_time
           "weights": [np.asarray(w) for w in program_state["best_weights"]]}
   stopped_by_budget = bool(_py(program_state["stopped_by_budget"]))
   metrics_log = MetricsLog(cfg.run_dir, resume_round=round_num)
+  start_round = round_num
   last_saved = round_num
 
   def snapshot():
@@ -275,6 +277,10 @@ def _train_with_runtime(run: PreparedRun, checkpointer: Checkpointer, start_time
             f"round {round_num + 1} produced a non-finite model update or loss (loss={loss}); "
             "stopped, the last good checkpoint is kept: lower --client_learning_rate or "
             "--server_learning_rate")
+      if run.privacy and run.privacy.dp_mode == "central" and round_num == start_round:
+        # What TFF's aggregator says it released must be what we account for.
+        accounting.check_event_matches(
+            run.privacy, tff_dp.extract_dp_event_from_state(new_state.aggregator))
       state = new_state
       round_num += 1
       if ledger:

@@ -1,0 +1,174 @@
+"""End-to-end runs of `python -m tff_dpmed.train`: every DP mode, outputs, kill and resume.
+
+Each run is a subprocess, as a user runs it, so these tests also prove that no
+TFF worker outlives the trainer. Runs are tiny (BreastMNIST, a few clients,
+2-4 rounds); most of their time is TFF's one-off tracing and compiling.
+"""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tff_dpmed.federated import context
+from tff_dpmed.program import artifacts
+from tff_dpmed.program.metrics_log import COLUMNS
+
+_COMMON = ["--dataset=breastmnist", "--num_clients=6", "--clients_per_round=3",
+           "--client_batch_size=32", "--rounds_per_eval=1", "--progress=false"]
+
+
+def _train_cmd(data_dir, out_dir, name, *flags):
+  return [sys.executable, "-m", "tff_dpmed.train", f"--data_dir={data_dir}",
+          f"--output_dir={out_dir}", f"--experiment_name={name}", *_COMMON, *flags]
+
+
+def _run(cmd, timeout=600):
+  proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+  return proc
+
+
+def _rows(run_dir):
+  with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _summary(run_dir):
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize("mode_flags", [
+    ("--dp_mode=none",),
+    ("--dp_mode=central", "--noise_multiplier=1.1", "--clip_mode=adaptive"),
+    ("--dp_mode=central", "--noise_multiplier=1.1", "--clip_mode=fixed", "--clip=1.0",
+     "--sampling=fixed"),
+    ("--dp_mode=local", "--noise_multiplier=1.1", "--clip_mode=fixed", "--clip=1.0",
+     "--sampling=all", "--clients_per_round=6"),
+], ids=["none", "central-adaptive", "central-fixed", "local"])
+def test_two_round_run_writes_every_output(mode_flags, data_dir, tmp_path):
+  run_dir = tmp_path / "run"
+  proc = _run(_train_cmd(data_dir, tmp_path, "run", "--rounds=2", *mode_flags))
+
+  assert context.wait_for_no_workers(timeout_s=10) == []
+  rows = _rows(run_dir)
+  assert [int(r["round"]) for r in rows] == [1, 2]
+  assert tuple(rows[0].keys()) == COLUMNS
+  assert all(math.isfinite(float(r["train_loss"])) for r in rows)
+  assert all(0 <= float(r["val_auc"]) <= 1 for r in rows)
+  summary = _summary(run_dir)
+  assert 0 <= summary["test_auc"] <= 1 and 0 <= summary["test_accuracy"] <= 1
+  privacy = summary["privacy"]
+  dp_mode = mode_flags[0].split("=")[1]
+  assert privacy["dp_mode"] == dp_mode
+  if dp_mode == "none":
+    assert privacy["epsilon"] is None and rows[-1]["epsilon"] == ""
+    assert rows[-1]["clip_norm"] == ""
+  else:
+    assert privacy["epsilon"] > 0 and math.isfinite(privacy["epsilon"])
+    # The csv's last epsilon is the reported one, and epsilon grows with rounds.
+    assert float(rows[-1]["epsilon"]) == pytest.approx(privacy["epsilon"])
+    assert float(rows[0]["epsilon"]) < float(rows[1]["epsilon"])
+    assert privacy["privacy_unit"] == "client"
+    assert privacy["accountant"] in ("rdp", "pld")
+    assert float(rows[0]["clip_norm"]) > 0
+  assert f"epsilon" in proc.stdout and "test AUC" in proc.stdout
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["test_auc"] == summary["test_auc"]
+  # TensorBoard curves and the TF Serving export.
+  tb = run_dir / "tensorboard"
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb))
+  assert (run_dir / "saved_model" / "cnn" / "1" / "saved_model.pb").exists()
+  assert (run_dir / "saved_model" / "models.config").exists()
+
+
+def _wait_for_rows(run_dir, n, proc, timeout_s=300):
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    assert proc.poll() is None, "the run ended before it could be killed"
+    path = os.path.join(run_dir, "metrics.csv")
+    if os.path.exists(path) and len(_rows(run_dir)) >= n:
+      return
+    time.sleep(0.2)
+  raise AssertionError(f"no {n} rounds within {timeout_s}s")
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path):
+  # Seeded local DP is fully deterministic (seeded sampling, init and client
+  # noise), so the resumed run must match the uninterrupted one exactly, and
+  # its epsilon depends on the restored sampler and ledger.
+  flags = ["--rounds=4", "--rounds_per_checkpoint=1", "--seed=7", "--dp_mode=local",
+           "--noise_multiplier=2.0", "--clip_mode=fixed", "--clip=1.0"]
+  _run(_train_cmd(data_dir, tmp_path, "straight", *flags))
+  straight = tmp_path / "straight"
+
+  cmd = _train_cmd(data_dir, tmp_path, "killed", *flags)
+  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  try:
+    _wait_for_rows(tmp_path / "killed", 2, proc)
+    workers = [c for c in psutil.Process(proc.pid).children()
+               if "worker_binary" in " ".join(c.cmdline())]
+    assert len(workers) == 1
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  # SIGKILL gives the trainer no chance to clean up: the kernel kills its worker.
+  psutil.wait_procs(workers, timeout=10)
+  assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+  assert not (tmp_path / "killed" / "summary.json").exists()
+
+  resumed = _run(cmd)
+  assert "resuming" in resumed.stderr
+  killed = tmp_path / "killed"
+  assert [int(r["round"]) for r in _rows(killed)] == [1, 2, 3, 4]
+  a, b = _summary(straight), _summary(killed)
+  assert b["privacy"]["epsilon"] == pytest.approx(a["privacy"]["epsilon"], rel=1e-9)
+  for wa, wb in zip(artifacts.load_final_weights(straight), artifacts.load_final_weights(killed)):
+    np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+  assert [r["epsilon"] for r in _rows(killed)] == [r["epsilon"] for r in _rows(straight)]
+  assert context.wait_for_no_workers(timeout_s=10) == []
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(data_dir, tmp_path):
+  flags = ["--rounds_per_checkpoint=1", "--seed=3", "--dp_mode=none"]
+  _run(_train_cmd(data_dir, tmp_path, "run", "--rounds=2", *flags))
+  checkpoints = tmp_path / "run" / "checkpoints"
+  assert sorted(os.listdir(checkpoints)) == ["round_1", "round_2"]
+  for root, _, files in os.walk(checkpoints / "round_2"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"corrupt")
+
+  proc = _run(_train_cmd(data_dir, tmp_path, "run", "--rounds=3", *flags))
+  assert "round_2 is unreadable" in proc.stderr
+  assert "after round 1" in proc.stderr
+  assert [int(r["round"]) for r in _rows(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_max_epsilon_stops_before_the_round_that_would_exceed_it(data_dir, tmp_path):
+  from tff_dpmed.privacy import accounting
+  setting = accounting.PrivacySetting(
+      dp_mode="central", noise_multiplier=1.1, num_clients=6, clients_per_round=3,
+      sampling="poisson", delta=accounting.default_delta(6), accountant="auto",
+      adaptive_clipping=False)
+  eps2, eps3 = (accounting.epsilon_for_rounds(setting, r) for r in (2, 3))
+  budget = (eps2 + eps3) / 2
+  _run(_train_cmd(data_dir, tmp_path, "run", "--rounds=5", "--dp_mode=central",
+                  "--noise_multiplier=1.1", "--clip_mode=fixed", "--clip=1.0",
+                  f"--max_epsilon={budget}"))
+  summary = _summary(tmp_path / "run")
+  assert summary["rounds_completed"] == 2
+  assert summary["stopped_by_max_epsilon"] is True
+  assert summary["privacy"]["epsilon"] == pytest.approx(eps2)
+  assert summary["privacy"]["epsilon"] <= budget
+  assert (tmp_path / "run" / "saved_model" / "cnn" / "1").exists()
