@@ -75,7 +75,8 @@ flags.DEFINE_string("experiment_name", _D.experiment_name, "Run folder under --o
 flags.DEFINE_integer("seed", None, "Seed for splits, sampling, init and local-DP noise. For "
                      "debugging only: seeded noise is predictable. Default: non-deterministic.")
 flags.DEFINE_bool("restart", False, "Discard the run folder's checkpoints and metrics.")
-flags.DEFINE_bool("audit", False, "Run a membership-inference audit on the final model.")
+flags.DEFINE_bool("audit", False, "Membership-inference audit of the final model: not "
+                  "implemented yet, and rejected rather than silently skipped.")
 flags.DEFINE_integer("max_concurrent_computation_calls", -1,
                      "Bound on parallel client computations in the TFF worker (-1 = no bound).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -104,6 +105,8 @@ def config_from_flags() -> RunConfig:
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}: all options are --flags (see --helpfull)")
+  if FLAGS.audit:
+    cli.fail("--audit (membership-inference audit) is not implemented yet: run without it")
   logging.set_verbosity(logging.WARNING)
   run = trainer.prepare(config_from_flags())
   try:
