@@ -34,10 +34,35 @@ def tff_runtime():
     yield worker
 
 
+def _leaked_workers(timeout_s: float = 10.0) -> list:
+  """Workers this session started and left: its descendants, or orphans.
+
+  Workers of other processes on the machine (another test run, a training job)
+  have a living parent that is not ours and are not counted.
+  """
+  import time
+  import psutil
+  from tff_dpmed.federated import context
+  deadline = time.monotonic() + timeout_s
+  while True:
+    own = {p.pid for p in psutil.Process().children(recursive=True)}
+    leaked = []
+    for pid in context.worker_pids():
+      try:
+        proc = psutil.Process(pid)
+        if proc.status() != psutil.STATUS_ZOMBIE and (pid in own or proc.ppid() == 1):
+          leaked.append(pid)
+      except psutil.NoSuchProcess:
+        pass
+    if not leaked or time.monotonic() > deadline:
+      return leaked
+    time.sleep(0.1)
+
+
 def pytest_sessionfinish(session, exitstatus):
   from tff_dpmed.federated import context
   context.stop_all_workers()
-  left = context.wait_for_no_workers(timeout_s=10)
+  left = _leaked_workers()
   if left:
     print(f"\nerror: worker_binary processes left after tests: {left}")
     session.exitstatus = 1

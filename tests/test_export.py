@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -215,3 +217,24 @@ def test_model_with_wrong_class_count_is_refused(tmp_path):
   with pytest.raises(UsageError, match="3 classes"):
     export.export_saved_model(build_model("cnn", INFO, seed=0), other,
                               str(tmp_path), "m", {})
+
+
+def test_export_cli_explains_weights_that_no_longer_fit_the_model(tmp_path):
+  # A finished run whose saved weights do not match the model as the code now
+  # builds it (the model code changed since training): one line, exit 2, and
+  # nothing written, instead of Keras' traceback listing every weight.
+  run_dir = tmp_path / "run"
+  run_dir.mkdir()
+  summary = {"config": {"model": MODEL_NAME}, "dataset": INFO.to_json(),
+             "privacy": {"dp_mode": "none"}, "test_accuracy": 0.5, "test_auc": 0.5}
+  (run_dir / "summary.json").write_text(json.dumps(summary))
+  np.savez(run_dir / "final_weights.npz", *build_model("cnn", INFO, seed=0).get_weights()[:-1])
+  proc = subprocess.run(
+      [sys.executable, "-m", "tff_dpmed.export", f"--run_dir={run_dir}"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "error: cannot load the final weights of" in proc.stderr
+  assert "model code has changed" in proc.stderr
+  assert "Traceback" not in proc.stderr and "Provided weights" not in proc.stderr
+  assert not (run_dir / "saved_model").exists()

@@ -33,11 +33,21 @@ def _train_cmd(data_dir, out_dir, name, *flags):
 
 
 def _stray_workers(timeout_s: float = 10.0) -> list:
-  """Workers not owned by this test process (whose session runtime keeps one)."""
+  """Orphaned workers: a trainer that exits and leaves its worker leaves it to PID 1.
+
+  (Not "every worker on the machine": this test session keeps its own runtime,
+  and other jobs may run theirs.)
+  """
   deadline = time.monotonic() + timeout_s
   while True:
-    own = {c.pid for c in psutil.Process().children(recursive=True)}
-    stray = [pid for pid in context.worker_pids() if pid not in own]
+    stray = []
+    for pid in context.worker_pids():
+      try:
+        proc = psutil.Process(pid)
+        if proc.ppid() == 1 and proc.status() != psutil.STATUS_ZOMBIE:
+          stray.append(pid)
+      except psutil.NoSuchProcess:
+        pass
     if not stray or time.monotonic() > deadline:
       return stray
     time.sleep(0.1)

@@ -7,6 +7,7 @@ changing the export code) into <run_dir>/saved_model/<model_name>/<version>
 and refreshes <run_dir>/saved_model/models.config. Prints the version folder.
 """
 
+import json
 import os
 
 from absl import flags
@@ -32,7 +33,19 @@ def main(argv: list[str]) -> None:
   # Lazy: the program layer may pull in TFF, which --help should not wait for.
   from tff_dpmed.program import artifacts  # pylint: disable=g-import-not-at-top
 
-  keras_model, info, metadata = artifacts.load_trained_model(_RUN_DIR.value)
+  try:
+    keras_model, info, metadata = artifacts.load_trained_model(_RUN_DIR.value)
+  except json.JSONDecodeError as e:
+    raise UsageError(f"{_RUN_DIR.value}/summary.json is not valid JSON ({e}): "
+                     "the run did not finish cleanly") from None
+  except ValueError as e:
+    # Keras appends every weight array to its message; the first part suffices.
+    reason = " ".join(str(e).split(" Provided weights")[0].split())
+    raise UsageError(
+        f"cannot load the final weights of {_RUN_DIR.value} into the model as "
+        f"this code builds it ({reason}): the model code has changed since the "
+        "run was trained, so re-export it with the code it was trained with; "
+        "the versions it already exported still serve") from None
   model_name = metadata.get("model_name")
   if not model_name:
     raise UsageError(f"{_RUN_DIR.value} does not record a model_name to export "

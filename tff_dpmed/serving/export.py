@@ -225,6 +225,11 @@ def _serving_module(keras_model: tf.keras.Model, info: DatasetInfo):
   # Imported here, not at the top: client_data pulls in TFF, which the
   # server (it imports this module's constants) has no use for.
   from tff_dpmed.data.client_data import preprocess_images  # pylint: disable=g-import-not-at-top
+  # Importing TFF installs a default context whose worker manager's __del__
+  # fails at interpreter exit ("Exception ignored ... 'NoneType' object has no
+  # attribute 'Popen'") in a process that only exports, e.g. the export CLI;
+  # importing the runtime owner replaces that context (and starts no worker).
+  from tff_dpmed.federated import context as _  # pylint: disable=g-import-not-at-top,unused-import
 
   height, width, channels = (int(d) for d in info.image_shape)
   class_names = tf.constant(list(info.class_names), dtype=tf.string)
