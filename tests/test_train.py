@@ -70,7 +70,7 @@ def _summary(run_dir):
 
 
 @pytest.mark.parametrize("mode_flags", [
-    ("--dp_mode=none",),
+    ("--dp_mode=none", "--audit"),
     ("--dp_mode=central", "--noise_multiplier=1.1", "--clip_mode=adaptive"),
     ("--dp_mode=central", "--noise_multiplier=1.1", "--clip_mode=fixed", "--clip=1.0",
      "--sampling=fixed"),
@@ -94,6 +94,10 @@ def test_two_round_run_writes_every_output(mode_flags, data_dir, tmp_path):
   assert privacy["dp_mode"] == dp_mode
   if dp_mode == "none":
     assert privacy["epsilon"] is None and rows[-1]["epsilon"] == ""
+    audit = summary["audit"]  # --audit: membership inference on the final model.
+    assert 0 <= audit["attack_auc"] <= 1 and 0 <= audit["attacker_advantage"] <= 1
+    assert audit["num_members"] > 0 and audit["num_nonmembers"] > 0
+    assert "membership-inference audit: attack AUC" in proc.stdout
     assert rows[-1]["clip_norm"] == ""
   else:
     assert privacy["epsilon"] > 0 and math.isfinite(privacy["epsilon"])

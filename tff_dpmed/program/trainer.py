@@ -333,6 +333,12 @@ def _train_with_runtime(run: PreparedRun, checkpointer: Checkpointer, start_time
       "wall_seconds": time.time() - start_time,
       "privacy": _privacy_summary(run, ledger),
   }
+  if cfg.audit:
+    from tff_dpmed.privacy import audit  # pylint: disable=g-import-not-at-top
+    _log("note: running the membership-inference audit (train = members, test = non-members)")
+    summary["audit"] = audit.membership_inference_audit(
+        keras_model, info, splits.train_images, splits.train_labels,
+        splits.test_images, splits.test_labels, seed=0 if cfg.seed is None else cfg.seed)
   summary["saved_model"] = artifacts.export_final_model(cfg.run_dir, keras_model, info, summary)
   write_json_atomic(os.path.join(cfg.run_dir, "summary.json"), summary)
   artifacts.save_final_weights(cfg.run_dir, keras_model)
