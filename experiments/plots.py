@@ -1,0 +1,127 @@
+"""Figures of the privacy-utility study (matplotlib, Agg backend: no display needed)."""
+
+import math
+import textwrap
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+MODE_STYLE = {"central": {"color": "tab:blue", "marker": "o", "label": "central DP"},
+              "local": {"color": "tab:red", "marker": "s", "label": "local DP"},
+              "none": {"color": "0.3", "marker": None, "label": "no DP"}}
+
+
+def _finite(values) -> list:
+  return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def _mean_std(values) -> tuple[float, float]:
+  v = _finite(values)
+  if not v:
+    return float("nan"), float("nan")
+  return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def plot_privacy_utility(groups: Sequence[dict], path: str, title: str = "") -> None:
+  """Test AUC (left) and membership-inference AUC (right) against epsilon.
+
+  `groups` are the study's per-(mode, level) aggregates (see
+  `privacy_utility.aggregate`): each has "mode", "level", "values" (a dict of
+  lists over seeds: epsilon, test_auc, mia_auc) and "label" (e.g. "z=1.1").
+  Epsilon is on a log axis; error bars are the std over seeds; the
+  non-private baseline is a horizontal line (mean) with a band (std).
+  """
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+  for ax, metric, ylabel in ((axes[0], "test_auc", "test AUC"),
+                             (axes[1], "mia_auc", "membership-inference AUC (best attack)")):
+    baseline = [g for g in groups if g["mode"] == "none"]
+    if baseline:
+      m, s = _mean_std(baseline[0]["values"][metric])
+      if math.isfinite(m):
+        ax.axhline(m, color=MODE_STYLE["none"]["color"], linestyle="--",
+                   label=f"no DP (ε = ∞): {m:.3f}")
+        ax.axhspan(m - s, m + s, color=MODE_STYLE["none"]["color"], alpha=0.15, linewidth=0)
+    any_points = False
+    for mode in ("central", "local"):
+      pts = []
+      for g in groups:
+        if g["mode"] != mode:
+          continue
+        ex, exs = _mean_std(g["values"]["epsilon"])
+        y, ys = _mean_std(g["values"][metric])
+        if math.isfinite(ex) and ex > 0 and math.isfinite(y):
+          pts.append((ex, exs, y, ys, g["label"]))
+      if not pts:
+        continue
+      any_points = True
+      pts.sort()
+      style = MODE_STYLE[mode]
+      ax.errorbar([p[0] for p in pts], [p[2] for p in pts], yerr=[p[3] for p in pts],
+                  xerr=[p[1] for p in pts], color=style["color"], marker=style["marker"],
+                  capsize=3, label=style["label"])
+      for ex, _, y, _, label in pts:
+        ax.annotate(label, (ex, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                    color=style["color"])
+    if metric == "mia_auc":
+      ax.axhline(0.5, color="0.6", linestyle=":", linewidth=1, label="chance (0.5)")
+    if any_points:
+      ax.set_xscale("log")
+      _plain_log_ticks(ax)
+    ax.set_xlabel("ε (client-level, at the run's δ; log scale)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+  if title:
+    fig.suptitle(textwrap.fill(title, 140), fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _plain_log_ticks(ax) -> None:
+  """Log-axis labels as plain numbers (5, 20, 300), minor ones only on a short axis."""
+  plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+  ax.xaxis.set_major_formatter(plain)
+  lo, hi = ax.get_xlim()
+  short = lo > 0 and hi / lo < 30
+  ax.xaxis.set_minor_formatter(plain if short else ticker.NullFormatter())
+  ax.tick_params(axis="x", which="minor", labelsize=7)
+
+
+def plot_training_curves(curves: dict, path: str, title: str = "") -> None:
+  """Val AUC per round, mean over seeds with a std band, one line per mode.
+
+  `curves` maps a label (e.g. "central DP, z=1.1") to a mode and a list of
+  per-seed curves: {"mode": str, "runs": [{round: val_auc}, ...]}.
+  """
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, curve in curves.items():
+    runs = [r for r in curve["runs"] if r]
+    if not runs:
+      continue
+    rounds = sorted(set().union(*[set(r) for r in runs]))
+    means, stds = [], []
+    for rnd in rounds:
+      m, s = _mean_std([r.get(rnd) for r in runs])
+      means.append(m)
+      stds.append(s)
+    means, stds = np.asarray(means), np.asarray(stds)
+    style = MODE_STYLE.get(curve["mode"], {})
+    ax.plot(rounds, means, color=style.get("color"), marker=style.get("marker"), markersize=3,
+            label=f"{label} (n={len(runs)})")
+    ax.fill_between(rounds, means - stds, means + stds, color=style.get("color"), alpha=0.15,
+                    linewidth=0)
+  ax.set_xlabel("round")
+  ax.set_ylabel("val AUC (mean over seeds, band = std)")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  if title:
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
