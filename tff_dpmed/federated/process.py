@@ -20,15 +20,27 @@ class OptimizerConfig:
   server_momentum: float = 0.9
 
 
+class ExampleCount(tf.keras.metrics.Sum):
+  """Examples trained on. TFF drops the metrics of a client whose update was
+  non-finite, so a shortfall against the expected count reveals divergence."""
+
+  def update_state(self, y_true, y_pred, sample_weight=None):
+    del y_true, sample_weight
+    return super().update_state(tf.ones(tf.shape(y_pred)[:1], tf.float32))
+
+
 def metrics_constructor(info: DatasetInfo) -> collections.OrderedDict:
-  """Train metrics: the loss (as a metric, so TFF reports it) and accuracy."""
+  """Train metrics: the loss (as a metric, so TFF reports it), accuracy, example count."""
+  count = lambda: ExampleCount(name="num_examples")
   if info.multi_label:
     return collections.OrderedDict(
         loss=lambda: tf.keras.metrics.BinaryCrossentropy(from_logits=True, name="loss"),
-        accuracy=lambda: tf.keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0))
+        accuracy=lambda: tf.keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0),
+        num_examples=count)
   return collections.OrderedDict(
       loss=lambda: tf.keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="loss"),
-      accuracy=lambda: tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
+      accuracy=lambda: tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+      num_examples=count)
 
 
 def make_functional_model(model_name: str, info: DatasetInfo, input_spec,

@@ -15,7 +15,8 @@ from tff_dpmed.program.config import RunConfig
 _RESUME_KEYS = ("dataset", "image_size", "num_clients", "partition", "dirichlet_alpha", "model",
                 "clients_per_round", "sampling", "client_epochs", "client_batch_size",
                 "dp_mode", "noise_multiplier", "clip_mode", "clip", "delta", "accountant",
-                "seed", "clipped_count_stddev")
+                "seed", "clipped_count_stddev", "client_learning_rate", "server_learning_rate",
+                "server_momentum", "target_unclipped_quantile", "adaptive_clip_learning_rate")
 FINAL_WEIGHTS = "final_weights.npz"
 
 

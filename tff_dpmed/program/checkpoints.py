@@ -15,6 +15,8 @@ from typing import Any, Optional
 from absl import logging
 import tensorflow_federated as tff
 
+from tff_dpmed.errors import UsageError
+
 _PREFIX = "round_"
 
 
@@ -34,8 +36,14 @@ class Checkpointer:
     asyncio.run(self._manager.save(state, round_num))
 
   def load_latest(self, structure: Any) -> Optional[tuple[int, Any]]:
-    """Returns (round, state) of the newest readable checkpoint, or None."""
-    for version in reversed(self.versions()):
+    """Returns (round, state) of the newest readable checkpoint, or None if there is none.
+
+    Raises UsageError when checkpoints exist but none can be read (e.g. the
+    model code changed): silently starting over would rewrite the run's
+    metrics and restart its privacy ledger.
+    """
+    versions = self.versions()
+    for version in reversed(versions):
       try:
         return version, asyncio.run(self._manager.load(version, structure))
       except Exception as e:  # pylint: disable=broad-except
@@ -47,6 +55,10 @@ class Checkpointer:
                    f"({type(e).__name__}), moved to {aside}; falling back to the previous one")
         print(message, file=sys.stderr, flush=True)
         logging.warning("%s: %s", message, e)
+    if versions:
+      raise UsageError(
+          f"none of the checkpoints in {self.root} can be read (was the model or dataset "
+          "changed?): rerun with the original code and flags, or pass --restart to start over")
     return None
 
   def remove_all(self) -> None:

@@ -130,8 +130,12 @@ def _positive_int(name, value):
     raise UsageError(f"--{name}={value} must be a whole number >= 1")
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _positive_finite(name, value):
-  if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+  # float32 bound too: TFF keeps hyperparameters in float32 state, where 1e300 is inf.
+  if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < _FLOAT32_MAX):
     raise UsageError(f"--{name}={value} must be a finite number > 0")
 
 

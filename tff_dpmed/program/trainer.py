@@ -6,6 +6,7 @@ clients the way the accountant assumes, checkpoints program state, and writes
 metrics.csv, TensorBoard curves, summary.json and the final SavedModel.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -154,8 +155,35 @@ def _find_key(tree, key):
   return None
 
 
-def _all_finite(weights) -> bool:
-  return all(np.all(np.isfinite(w)) for w in weights)
+def _check_finite(round_num, metrics, weights, participants, partitions, epochs) -> None:
+  """Stops on NaN/inf weights or loss, and on client updates TFF silently dropped.
+
+  TFF zeroes a client's non-finite update and discards its metrics, so a
+  diverging client only shows as missing examples in the round's count.
+  """
+  train = metrics["client_work"]["train"]
+  expected = epochs * sum(len(partitions[i]) for i in participants)
+  seen = int(train["num_examples"]) if len(participants) else 0
+  loss = float(train["loss"]) if len(participants) else 0.0
+  weights_finite = all(np.all(np.isfinite(w)) for w in weights.trainable)
+  if not weights_finite or not math.isfinite(loss) or seen < expected:
+    detail = (f"{expected - seen} of {expected} client examples came from non-finite updates"
+              if seen < expected else f"loss={loss}, weights finite: {weights_finite}")
+    raise TrainingError(
+        f"round {round_num} produced a non-finite model update or loss ({detail}); stopped, "
+        "the last good checkpoint is kept: lower --client_learning_rate or "
+        "--server_learning_rate")
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+  """Holds SIGINT/SIGTERM until the block ends, so it runs as a unit."""
+  blocked = {signal.SIGINT, signal.SIGTERM}
+  previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def train(run: PreparedRun, show_progress: bool = True) -> dict:
@@ -255,61 +283,69 @@ def _train_with_runtime(run: PreparedRun, checkpointer: Checkpointer, start_time
                        disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
   try:
     while round_num < cfg.rounds and not stopped_by_budget:
+      # Compute the round; a signal here abandons it and undoes its client draw,
+      # so the checkpoint never holds the sampler state of a round that did not run.
       sampler_state_before = sampler.get_state()
-      participants = sampler.sample()
-      if ledger and cfg.max_epsilon is not None:
-        trial = accounting.PrivacyLedger.from_json(ledger.to_json())
-        trial.record_round(participants)
-        if trial.epsilon() > cfg.max_epsilon:
-          sampler.set_state(sampler_state_before)
-          stopped_by_budget = True
-          _log(f"note: stopping before round {round_num + 1}: it would take epsilon above "
-               f"--max_epsilon={cfg.max_epsilon:g}")
-          break
-      t0 = time.time()
-      output = learning_process.next(state, [str(i) for i in participants])
-      new_state, metrics = output.state, output.metrics
-      weights = learning_process.get_model_weights(new_state)
-      train_metrics = metrics["client_work"]["train"]
-      loss = float(train_metrics["loss"]) if len(participants) else float("nan")
-      if not _all_finite(weights.trainable) or (len(participants) and not math.isfinite(loss)):
-        raise TrainingError(
-            f"round {round_num + 1} produced a non-finite model update or loss (loss={loss}); "
-            "stopped, the last good checkpoint is kept: lower --client_learning_rate or "
-            "--server_learning_rate")
-      if run.privacy and run.privacy.dp_mode == "central" and round_num == start_round:
-        # What TFF's aggregator says it released must be what we account for.
-        accounting.check_event_matches(
-            run.privacy, tff_dp.extract_dp_event_from_state(new_state.aggregator))
-      state = new_state
-      round_num += 1
-      if ledger:
-        ledger.record_round(participants)
-      row = {"round": round_num, "clients": len(participants), "train_loss": loss,
-             "train_accuracy": float(train_metrics["accuracy"]) if len(participants) else None,
-             "clip_norm": _clip_norm(metrics, run.dp), "round_seconds": time.time() - t0,
-             "epsilon": ledger.epsilon() if ledger else None,
-             "delta": run.privacy.delta if run.privacy else None}
-      if round_num % cfg.rounds_per_eval == 0 or round_num == cfg.rounds:
-        val = evaluation.evaluate(_eager_model(cfg, info, weights), info,
-                                  splits.val_images, splits.val_labels)
-        row.update(val_accuracy=val["accuracy"], val_auc=val["auc"])
-        if math.isfinite(val["auc"]) and val["auc"] > best["auc"]:
-          best = {"round": round_num, "auc": val["auc"],
-                  "weights": _flat(weights)}
-      metrics_log.write(row)
+      try:
+        participants = sampler.sample()
+        if ledger and cfg.max_epsilon is not None:
+          trial = accounting.PrivacyLedger.from_json(ledger.to_json())
+          trial.record_round(participants)
+          if trial.epsilon() > cfg.max_epsilon:
+            sampler.set_state(sampler_state_before)
+            stopped_by_budget = True
+            _log(f"note: stopping before round {round_num + 1}: it would take epsilon above "
+                 f"--max_epsilon={cfg.max_epsilon:g}")
+            break
+        t0 = time.time()
+        output = learning_process.next(state, [str(i) for i in participants])
+        new_state, metrics = output.state, output.metrics
+        weights = learning_process.get_model_weights(new_state)
+        _check_finite(round_num + 1, metrics, weights, participants,
+                      run.partitions, cfg.client_epochs)
+        if run.privacy and run.privacy.dp_mode == "central" and round_num == start_round:
+          # What TFF's aggregator says it released must be what we account for.
+          accounting.check_event_matches(
+              run.privacy, tff_dp.extract_dp_event_from_state(new_state.aggregator))
+        train_metrics = metrics["client_work"]["train"]
+        row = {"round": round_num + 1, "clients": len(participants),
+               "train_loss": float(train_metrics["loss"]) if len(participants) else None,
+               "train_accuracy": float(train_metrics["accuracy"]) if len(participants) else None,
+               "clip_norm": _clip_norm(metrics, run.dp),
+               "delta": run.privacy.delta if run.privacy else None}
+        new_best = None
+        if (round_num + 1) % cfg.rounds_per_eval == 0 or round_num + 1 == cfg.rounds:
+          val = evaluation.evaluate(_eager_model(cfg, info, weights), info,
+                                    splits.val_images, splits.val_labels)
+          row.update(val_accuracy=val["accuracy"], val_auc=val["auc"])
+          if math.isfinite(val["auc"]) and val["auc"] > best["auc"]:
+            new_best = {"round": round_num + 1, "auc": val["auc"], "weights": _flat(weights)}
+        row["round_seconds"] = time.time() - t0
+      except (_Stop, TrainingError):
+        sampler.set_state(sampler_state_before)
+        raise
+      # Commit the round as a unit: state, ledger, metrics row and checkpoint agree.
+      with _signals_deferred():
+        state = new_state
+        round_num += 1
+        if ledger:
+          ledger.record_round(participants)
+          row["epsilon"] = ledger.epsilon()
+        best = new_best or best
+        metrics_log.write(row)
+        if round_num % cfg.rounds_per_checkpoint == 0:
+          checkpointer.save(snapshot(), round_num)
+          last_saved = round_num
       progress.update(1)
       progress.set_postfix(_postfix(row), refresh=False)
-      if round_num % cfg.rounds_per_checkpoint == 0:
-        checkpointer.save(snapshot(), round_num)
-        last_saved = round_num
   except _Stop as stop:
     progress.close()
-    if round_num > last_saved:
-      checkpointer.save(snapshot(), round_num)
+    with _signals_deferred():
+      if round_num > last_saved:
+        checkpointer.save(snapshot(), round_num)
+      metrics_log.close()
     _log(f"note: {stop} received: checkpoint saved after round {round_num}; rerun the same "
          "command to resume")
-    metrics_log.close()
     sys.exit(128 + stop.signum)
   progress.close()
   metrics_log.close()
