@@ -197,3 +197,22 @@ def test_max_epsilon_stops_before_the_round_that_would_exceed_it(data_dir, tmp_p
   assert summary["privacy"]["epsilon"] == pytest.approx(eps2)
   assert summary["privacy"]["epsilon"] <= budget
   assert (tmp_path / "run" / "saved_model" / "cnn" / "1").exists()
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(data_dir, tmp_path):
+  flags = ["--rounds_per_checkpoint=1", "--seed=3", "--dp_mode=none"]
+  _run(_train_cmd(data_dir, tmp_path, "run", "--rounds=1", *flags))
+  for root, _, files in os.walk(tmp_path / "run" / "checkpoints"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"corrupt")
+  rows_before = _rows(tmp_path / "run")
+
+  proc = subprocess.run(_train_cmd(data_dir, tmp_path, "run", "--rounds=2", *flags),
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "--restart" in errors[0]
+  assert "Traceback" not in proc.stderr
+  # Nothing was rewritten: starting over silently would reset metrics and the ledger.
+  assert _rows(tmp_path / "run") == rows_before
