@@ -53,9 +53,8 @@ def export_final_model(run_dir: str, keras_model, info: DatasetInfo, summary: di
               "privacy": summary["privacy"], "training_config": config,
               "test_accuracy": summary["test_accuracy"], "test_auc": summary["test_auc"]}
   base = os.path.join(run_dir, "saved_model")
-  path = export_lib.export_saved_model(keras_model, info, base, config["model"], metadata)
-  export_lib.write_models_config(base, config["model"])
-  return path
+  # export_saved_model also (re)writes <base>/models.config for TF Serving.
+  return export_lib.export_saved_model(keras_model, info, base, config["model"], metadata)
 
 
 def load_trained_model(run_dir: str):
