@@ -514,7 +514,7 @@ def _define_flags() -> None:
   f.DEFINE_integer("clients_per_round", 10, "Expected clients per round.")
   f.DEFINE_enum("sampling", d.sampling, ["poisson", "fixed", "all"], "Client sampling.")
   f.DEFINE_integer("rounds", 12, "Federated rounds per run.")
-  f.DEFINE_string("model", d.model, "cnn or resnet18.")
+  f.DEFINE_string("model", d.model, "cnn, gap_cnn or resnet18 (tff_dpmed.models).")
   f.DEFINE_integer("client_batch_size", 32, "Local batch size.")
   f.DEFINE_float("client_learning_rate", d.client_learning_rate, "Client SGD learning rate.")
   f.DEFINE_integer("rounds_per_eval", 2, "Val evaluation (and training-curve point) every N "
