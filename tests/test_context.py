@@ -81,3 +81,19 @@ def test_worker_output_goes_to_its_log_not_our_stdout(tmp_path):
     assert os.path.exists(tmp_path / "tff_worker.log")
   assert not worker.alive()
 
+
+def test_missing_or_non_executable_worker_binary_is_a_worker_error(tmp_path):
+  with pytest.raises(context.WorkerError, match="not found"):
+    with context.local_runtime(binary=str(tmp_path / "nope")):
+      pass
+  plain = tmp_path / "worker_binary"
+  plain.write_text("")
+  with pytest.raises(context.WorkerError, match="not executable"):
+    context.WorkerProcess(binary=str(plain))
+
+
+def test_unreachable_worker_is_named(tmp_path):
+  import portpicker
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  with pytest.raises(context.WorkerError, match=address):
+    context.check_reachable([address], timeout_s=0.5)
