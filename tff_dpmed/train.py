@@ -16,8 +16,8 @@ from tff_dpmed import cli
 # TensorFlow must be imported before absl's app.run calls main: imported first
 # inside main, Keras fails to build functional models (Flatten sees None).
 from tff_dpmed.program import trainer
-from tff_dpmed.program.config import (ACCOUNTANTS, CLIP_MODES, DP_MODES, PARTITIONS, SAMPLINGS,
-                                      RunConfig)
+from tff_dpmed.program.config import (ACCOUNTANTS, CLIP_MODES, DP_MODES, EXECUTORS, PARTITIONS,
+                                      SAMPLINGS, RunConfig)
 
 _D = RunConfig()
 FLAGS = flags.FLAGS
@@ -78,8 +78,16 @@ flags.DEFINE_bool("restart", False, "Discard the run folder's checkpoints and me
 flags.DEFINE_bool("audit", False, "Run TF Privacy's membership-inference attacks on the "
                   "final model (train examples = members, test = non-members); results go "
                   "to summary.json.")
+# Runtime.
+flags.DEFINE_enum("executor", _D.executor, EXECUTORS, "local: start a TFF worker of our own; "
+                  "remote: run on the TFF workers at --workers, clients spread across them.")
+flags.DEFINE_string("workers", None, "With --executor=remote: HOST:PORT[,HOST:PORT...] of "
+                    "running `python -m tff_dpmed.worker` processes.")
+flags.DEFINE_string("worker_binary", None, "With --executor=local: the TFF worker_binary to "
+                    "run, e.g. a CUDA build (see BUILD_NOTES.md). Default: the one TFF ships.")
 flags.DEFINE_integer("max_concurrent_computation_calls", -1,
-                     "Bound on parallel client computations in the TFF worker (-1 = no bound).")
+                     "With --executor=local: bound on parallel client computations in the TFF "
+                     "worker, which bounds its memory (-1 = no bound).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
@@ -100,7 +108,8 @@ def config_from_flags() -> RunConfig:
       clipped_count_stddev=FLAGS.clipped_count_stddev, rounds_per_eval=FLAGS.rounds_per_eval,
       rounds_per_checkpoint=FLAGS.rounds_per_checkpoint, output_dir=FLAGS.output_dir,
       experiment_name=FLAGS.experiment_name, seed=FLAGS.seed, restart=FLAGS.restart,
-      audit=FLAGS.audit, max_concurrent_computation_calls=FLAGS.max_concurrent_computation_calls)
+      audit=FLAGS.audit, max_concurrent_computation_calls=FLAGS.max_concurrent_computation_calls,
+      executor=FLAGS.executor, workers=FLAGS.workers, worker_binary=FLAGS.worker_binary)
 
 
 def main(argv):

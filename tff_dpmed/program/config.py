@@ -13,6 +13,7 @@ CLIP_MODES = ("adaptive", "fixed")
 SAMPLINGS = ("poisson", "fixed", "all")
 PARTITIONS = ("iid", "dirichlet")
 ACCOUNTANTS = ("auto", "rdp", "pld")
+EXECUTORS = ("local", "remote")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +57,18 @@ class RunConfig:
   restart: bool = False
   audit: bool = False
   max_concurrent_computation_calls: int = -1
+  # Runtime: a worker of our own (local), or workers at `workers` (remote).
+  executor: str = "local"
+  workers: Optional[str] = None        # "host:port,host:port", as given to --workers
+  worker_binary: Optional[str] = None  # local only; None = the one shipped with TFF
 
   @property
   def run_dir(self) -> str:
     return os.path.join(self.output_dir, self.experiment_name)
+
+  @property
+  def worker_addresses(self) -> list[str]:
+    return [a.strip() for a in (self.workers or "").split(",")]
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -76,6 +85,7 @@ class RunConfig:
     _one_of("sampling", self.sampling, SAMPLINGS)
     _one_of("partition", self.partition, PARTITIONS)
     _one_of("accountant", self.accountant, ACCOUNTANTS)
+    self._validate_runtime()
     if self.image_size not in (28, 64, 128, 224):
       raise UsageError(f"--image_size={self.image_size} is not supported: use 28, 64, 128 or 224")
     _positive_int("rounds", self.rounds)
@@ -118,6 +128,36 @@ class RunConfig:
       raise UsageError(
           "--clip_mode=adaptive is not supported with --dp_mode=local (its clipped-count "
           "query would need its own local randomiser and accounting): use --clip_mode=fixed")
+
+  def _validate_runtime(self) -> None:
+    _one_of("executor", self.executor, EXECUTORS)
+    if self.executor == "local":
+      if self.workers is not None:
+        raise UsageError("--workers needs --executor=remote (the local executor starts its own "
+                         "worker): add --executor=remote or drop --workers")
+      return
+    if not self.workers:
+      raise UsageError("--executor=remote needs --workers=HOST:PORT[,HOST:PORT...]: the "
+                       "addresses of running `python -m tff_dpmed.worker` processes")
+    # Worker settings belong to the workers, which someone else started.
+    if self.worker_binary is not None:
+      raise UsageError("--worker_binary applies to --executor=local only: with remote workers "
+                       "pass it to each `python -m tff_dpmed.worker`")
+    if self.max_concurrent_computation_calls != -1:
+      raise UsageError("--max_concurrent_computation_calls applies to --executor=local only: "
+                       "with remote workers pass it to each `python -m tff_dpmed.worker`")
+    addresses = self.worker_addresses
+    for address in addresses:
+      _check_address(address)
+    if len(set(addresses)) != len(addresses):
+      raise UsageError(f"--workers={self.workers} names a worker twice: list each once")
+
+
+def _check_address(address: str) -> None:
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    raise UsageError(f"--workers entry '{address}' is not HOST:PORT (e.g. 10.0.0.5:8000, "
+                     "[::1]:8000), with PORT in 1-65535")
 
 
 def _one_of(name, value, allowed):

@@ -67,6 +67,7 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     raise UsageError(f"unknown model '{cfg.model}': use one of {', '.join(models.MODEL_NAMES)}")
   notes = []
   _check_output_dir_writable(cfg.output_dir)
+  _check_runtime(cfg)
   splits = data_registry.load_dataset(cfg.dataset, image_size=cfg.image_size,
                                       data_dir=cfg.data_dir, download=cfg.download,
                                       seed=cfg.seed or 0)
@@ -121,6 +122,26 @@ def _check_output_dir_writable(output_dir: str) -> None:
   if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
     raise UsageError(f"output directory {output_dir} is not writable "
                      f"({existing} is not a writable folder): pass a writable --output_dir")
+
+
+def _check_runtime(cfg: RunConfig) -> None:
+  """The worker binary exists, or every remote worker answers; before anything is written."""
+  try:
+    if cfg.executor == "remote":
+      context.check_reachable(cfg.worker_addresses)
+    elif cfg.worker_binary is not None:
+      context.check_worker_binary(cfg.worker_binary)
+  except context.WorkerError as e:
+    raise UsageError(str(e)) from None
+
+
+def _runtime(cfg: RunConfig):
+  """The TFF runtime the run executes on, as a context manager."""
+  if cfg.executor == "remote":
+    return context.remote_runtime(cfg.worker_addresses)
+  return context.local_runtime(
+      max_concurrent_computation_calls=cfg.max_concurrent_computation_calls,
+      log_dir=cfg.run_dir, binary=cfg.worker_binary)
 
 
 class _Stop(Exception):
@@ -209,10 +230,16 @@ def train(run: PreparedRun, show_progress: bool = True) -> dict:
   start_time = time.time()
   previous_handlers = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
-    with context.local_runtime(
-        max_concurrent_computation_calls=cfg.max_concurrent_computation_calls,
-        log_dir=cfg.run_dir):
+    with _runtime(cfg):
       return _train_with_runtime(run, checkpointer, start_time, show_progress)
+  except context.WorkerError as e:
+    # Nothing of the failed round was committed; the checkpoints are as they were.
+    saved = checkpointer.versions()
+    kept = (f"the checkpoint after round {saved[-1]} is kept" if saved
+            else "no checkpoint had been saved yet")
+    restart = "restart the worker and " if cfg.executor == "remote" else ""
+    raise TrainingError(f"{e}; stopped, {kept}: {restart}rerun the same command to "
+                        "resume") from e
   finally:
     for s, handler in previous_handlers.items():
       signal.signal(s, handler)
