@@ -10,7 +10,6 @@ is killed. Its own log goes to a file (--log_file). The executor protocol has
 no authentication or encryption: expose the port only to the trainer's hosts.
 """
 
-import os
 import signal
 import socket
 import sys
