@@ -59,9 +59,11 @@ _TABLE_METRICS = (("epsilon", "ε"), ("test_auc", "test AUC"), ("test_accuracy",
 RESULTS_CSV, RESULTS_MD = "results.csv", "results.md"
 PRIVACY_UTILITY_PNG, TRAINING_CURVES_PNG = "privacy_utility.png", "training_curves.png"
 # RunConfig fields that a finished run may differ in from the study's flags
-# without being a different experiment (paths, and what prepare() resolves).
+# without being a different experiment (paths, where it ran, and what prepare()
+# resolves).
 _IGNORED_WHEN_RESUMING = {"data_dir", "download", "output_dir", "restart", "audit",
-                          "max_concurrent_computation_calls"}
+                          "max_concurrent_computation_calls", "executor", "workers",
+                          "worker_binary"}
 
 
 @dataclasses.dataclass(frozen=True)
