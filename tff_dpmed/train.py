@@ -36,7 +36,8 @@ flags.DEFINE_enum("partition", _D.partition, PARTITIONS, "How examples are split
 flags.DEFINE_float("dirichlet_alpha", _D.dirichlet_alpha,
                    "Label-skew concentration for --partition=dirichlet; smaller is more skewed.")
 # Model and optimisation.
-flags.DEFINE_string("model", _D.model, "cnn (small, fast default) or resnet18 (GroupNorm).")
+flags.DEFINE_string("model", _D.model, "cnn (small, fast default), gap_cnn (global average pooling; "
+                    "generalises to shifted test data) or resnet18 (GroupNorm).")
 flags.DEFINE_integer("rounds", _D.rounds, "Federated rounds.")
 flags.DEFINE_integer("clients_per_round", _D.clients_per_round,
                      "Expected clients per round (exact for --sampling=fixed).")
