@@ -3,10 +3,11 @@
 A client is only a slice of one flat index array: `make_federated_train_data`
 keeps a single tensor of all images and labels, plus all clients' indices
 concatenated and an offsets vector, so 10,000 clients cost the images plus
-8 bytes per example. Each client's `tf.data` pipeline shuffles its indices
-(cheap, so the whole client is shuffled, not a window), repeats them for the
-local epochs, batches them, and only then gathers and normalises the images of
-each batch.
+8 bytes per example. Building a client's `tf.data` pipeline gathers that
+client's examples (its dataset then holds only them); the pipeline shuffles
+their positions (cheap, so the whole client is shuffled, not a window),
+repeats them for the local epochs, batches them, and only then gathers and
+normalises the images of each batch.
 """
 
 import collections
@@ -123,6 +124,19 @@ class _SharedArrays:
     return tf.constant(self.tensors[name].numpy(), name=name)
 
 
+def _client_options() -> tf.data.Options:
+  """tf.data options of a client's pipeline.
+
+  tf.data rewrites a pipeline's graph each time an iterator is made; a round
+  makes one per client, and on pipelines this small the rewrite cost more
+  than it saved (~8% of a round's CPU, benchmarks/LEVERS.md). The elements
+  are the same either way.
+  """
+  options = tf.data.Options()
+  options.experimental_optimization.apply_default_optimizations = False
+  return options
+
+
 def make_federated_train_data(images: np.ndarray, labels: np.ndarray,
                               partitions: Sequence[np.ndarray], info: DatasetInfo,
                               batch_size: int, epochs: int = 1, seed: int = 0,
@@ -179,17 +193,26 @@ def make_federated_train_data(images: np.ndarray, labels: np.ndarray,
     client = tf.strings.to_number(client_id, out_type=tf.int64)
     indices = flat_t[offsets_t[client]:offsets_t[client + 1]]
     client_seed = tf.constant(seed, tf.int64) * _SEED_STRIDE + client
+    # The client's own examples, gathered before the pipeline, so that the
+    # dataset captures only them. TFF's worker hands each client's dataset on
+    # as a serialised graph holding every tensor the dataset captures: with
+    # all images captured, that was a copy of the whole training set per
+    # client per round (17 GB at 50 clients of a 10,000-client set).
+    client_images = tf.gather(images_t, indices)
+    client_labels = tf.gather(labels_t, indices)
 
-    def gather(batch_indices):
+    def gather(positions):
       return collections.OrderedDict(
-          x=preprocess_images(tf.gather(images_t, batch_indices)),
-          y=preprocess_labels(tf.gather(labels_t, batch_indices), info))
+          x=preprocess_images(tf.gather(client_images, positions)),
+          y=preprocess_labels(tf.gather(client_labels, positions), info))
 
-    return (tf.data.Dataset.from_tensor_slices(indices)
+    # Shuffling positions 0..n-1 permutes exactly as shuffling the indices did.
+    return (tf.data.Dataset.range(tf.size(indices, out_type=tf.int64))
             .shuffle(buffer, seed=client_seed, reshuffle_each_iteration=True)
             .repeat(epochs)
             .batch(batch_size, drop_remainder=False)
-            .map(gather))
+            .map(gather)
+            .with_options(_client_options()))
 
   client_ids = [str(i) for i in range(len(offsets) - 1)]
   return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(client_ids, client_dataset)
