@@ -60,11 +60,19 @@ def make_functional_model(model_name: str, info: DatasetInfo, input_spec,
       metrics_constructor=metrics_constructor(info))
 
 
-def build_learning_process(model, dp: DPConfig, opt: OptimizerConfig):
+# TFF's iterator loop runs the local steps in a while loop; its default
+# (DATASET_REDUCE, which TPUs need) spent ~1.4x the CPU per round here
+# (benchmarks/LEVERS.md). Same steps, same order, same result.
+CLIENT_LOOP = tff.learning.LoopImplementation.DATASET_ITERATOR
+
+
+def build_learning_process(model, dp: DPConfig, opt: OptimizerConfig,
+                           loop_implementation: tff.learning.LoopImplementation = CLIENT_LOOP):
   """DP-FedAvg: uniform client weighting, as client-level DP needs bounded per-client influence.
 
   Returns the process and what the DP aggregator chose (e.g. the clipped-count
   stddev for small cohorts), for the run's log and summary.
+  `loop_implementation` is TFF's client training loop.
   """
   aggregator, dp_choices = build_model_aggregator(dp)
   client_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=opt.client_learning_rate)
@@ -75,5 +83,6 @@ def build_learning_process(model, dp: DPConfig, opt: OptimizerConfig):
       model,
       client_optimizer_fn=client_optimizer,
       server_optimizer_fn=server_optimizer,
-      model_aggregator=aggregator)
+      model_aggregator=aggregator,
+      loop_implementation=loop_implementation)
   return process, dp_choices
