@@ -32,10 +32,12 @@ TARGET_S = 20.0
 
 def run(data_dir: Optional[str], repetitions: int,
         contenders: Sequence[str] = ("tff_dpmed", "reference"), num_clients: int = 100,
-        clients_per_round: int = 10, rounds: int = 3, show_progress: bool = True) -> list:
+        clients_per_round: int = 10, rounds: int = 3, dataset: str = "pneumoniamnist",
+        show_progress: bool = True) -> list:
   """Results of `repetitions` fresh processes per contender, interleaved."""
   args = [f"--num_clients={num_clients}", f"--clients_per_round={clients_per_round}",
-          f"--rounds={rounds}"] + ([f"--data_dir={data_dir}"] if data_dir else [])
+          f"--rounds={rounds}", f"--dataset={dataset}"] + (
+              [f"--data_dir={data_dir}"] if data_dir else [])
   out = []
   jobs = [(rep, c) for rep in range(repetitions) for c in contenders]
   for _, contender in tqdm.tqdm(jobs, desc="first round (fresh processes)", unit="process",

@@ -1,7 +1,7 @@
 """Steady-state seconds per round: tff_dpmed versus the plain-TF reference.
 
   python -m benchmarks.bench_round_time [--data_dir=...] [--clients_per_round=10,100]
-      [--repetitions=3] [--rounds_per_rep=4]
+      [--repetitions=3] [--rounds_per_rep=3]
 
 PneumoniaMNIST split IID over 100 clients; central DP with adaptive clipping,
 the default CNN and the trainer's client/server settings (see workload.py).
@@ -10,7 +10,10 @@ Per cohort size, one TFF process is built and both contenders run, after
 alternating blocks of `--rounds_per_rep` rounds; a repetition is one block of each,
 and its value is the block's median round. Ratio = tff_dpmed / reference
 within a repetition. CPU seconds (this process and its TFF worker) are
-recorded too: they are far less disturbed by other load than wall time.
+recorded too: they are far less disturbed by other load than wall time. The
+reference trains a round's clients one after another (TF's threads share
+each step), tff_dpmed's worker trains them all at once; the CPU ratio leaves
+that difference out.
 """
 
 import dataclasses
@@ -32,7 +35,7 @@ from benchmarks import workload
 
 _CLIENTS_PER_ROUND = flags.DEFINE_list("clients_per_round", ["10", "100"],
                                        "Cohort sizes to time (of 100 clients).")
-_ROUNDS = flags.DEFINE_integer("rounds_per_rep", 4, "Timed rounds per block (one block per "
+_ROUNDS = flags.DEFINE_integer("rounds_per_rep", 3, "Timed rounds per block (one block per "
                                "contender per repetition).")
 _WARMUP = flags.DEFINE_integer("warmup_rounds", 2, "Untimed rounds per contender first "
                                "(round 1 traces and compiles).")
@@ -58,46 +61,26 @@ class Rounds:
     return report.median_range([e for block in self.examples for e in block])[0]
 
 
-class _TffContender:
-  """tff_dpmed's process, driven the way the trainer drives it."""
-
-  def __init__(self, work: workload.Workload):
-    self.process = workload.build_tff_process(work)
-    self.state = workload.initial_state(self.process, work)
-
-  def round(self, participants) -> int:
-    self.state, metrics, _ = workload.tff_round(self.process, self.state, participants)
-    return int(metrics["client_work"]["train"]["num_examples"])
-
-
-class _ReferenceContender:
-
-  def __init__(self, work: workload.Workload):
-    from benchmarks import reference  # pylint: disable=g-import-not-at-top
-    self.ref = reference.from_workload(work)
-
-  def round(self, participants) -> int:
-    metrics = self.ref.round(participants)
-    self.ref.weights()  # The trainer reads the new weights every round too.
-    return int(metrics["num_examples"])
-
-
 def measure(work: workload.Workload, rounds: int, repetitions: int, warmup_rounds: int = 2,
-            contenders: Sequence[str] = CONTENDERS, show_progress: bool = True) -> dict:
+            contenders: Sequence[str] = CONTENDERS, show_progress: bool = True,
+            runners: Optional[dict] = None) -> dict:
   """Times `contenders` on `work`; needs a TFF runtime (context.local_runtime) for tff_dpmed.
 
-  Returns {contender: Rounds}.
+  runners: already built contenders by name (workload.TffContender,
+  workload.ReferenceContender);
+  the others are built here. Returns {contender: Rounds}.
   """
   cfg = work.run.config
   k = cfg.clients_per_round
   cohorts = workload.cohorts(cfg.num_clients, k, warmup_rounds + rounds * repetitions)
-  builders = {"tff_dpmed": _TffContender, "reference": _ReferenceContender}
-  results, runners = {}, {}
+  builders = {"tff_dpmed": workload.TffContender, "reference": workload.ReferenceContender}
+  results, runners = {}, dict(runners or {})
   total = len(contenders) * (warmup_rounds + rounds * repetitions)
   with tqdm.tqdm(total=total, desc=f"round time, {k} clients/round", unit="round",
                  disable=not show_progress, dynamic_ncols=True) as bar:
     for name in contenders:
-      runners[name] = builders[name](work)
+      if name not in runners:
+        runners[name] = builders[name](work)
       results[name] = Rounds(name, k)
       for i in range(warmup_rounds):
         start = time.perf_counter()

@@ -24,13 +24,22 @@ _CONTENDER = flags.DEFINE_enum("contender", "tff_dpmed", ["tff_dpmed", "referenc
 _START_TIME = flags.DEFINE_float("start_time", None, "time.time() just before the parent "
                                  "started this process (default: when this module loaded).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder of MedMNIST .npz files.")
+_DATASET = flags.DEFINE_string("dataset", "pneumoniamnist", "MedMNIST dataset.")
 _NUM_CLIENTS = flags.DEFINE_integer("num_clients", 100, "Total clients.")
 _CLIENTS_PER_ROUND = flags.DEFINE_integer("clients_per_round", 10, "Clients per round.")
-_RESAMPLE = flags.DEFINE_boolean("resample", False, "Resample the training set to "
-                                 "num_clients clients of the 100-client size (scale runs).")
+_RESAMPLE = flags.DEFINE_enum("resample", None, ["shared", "copied"], "Make num_clients "
+                              "resampled clients of the 100-client size, sharing the real "
+                              "images or each with its own copies (scale runs).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds to run, the first included.")
 _MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent_computation_calls", -1,
                                        "The TFF worker's limit (-1: none, the trainer's default).")
+# Levers (see workload.py); the defaults are what the trainer does.
+_LOOP = flags.DEFINE_enum("loop", None, ["DATASET_REDUCE", "DATASET_ITERATOR"],
+                          "TFF's client training loop (default: TFF's).")
+_COMPOSE = flags.DEFINE_boolean("compose", True, "Clients build their datasets on the worker "
+                                "(dataset computation composed in), as the trainer does.")
+_WEIGHTS_FROM_STATE = flags.DEFINE_boolean("weights_from_state", False, "Read the weights from "
+                                           "the new state, not with get_model_weights.")
 
 
 def _heavy_imports():
@@ -56,7 +65,7 @@ def main(argv):
 
   t = time.time()
   work = workload.prepare(_DATA_DIR.value, _NUM_CLIENTS.value, _CLIENTS_PER_ROUND.value,
-                          resample=_RESAMPLE.value,
+                          dataset=_DATASET.value, resample=_RESAMPLE.value,
                           max_concurrent_computation_calls=_MAX_CONCURRENT.value)
   stages["data"] = time.time() - t
   cohorts = workload.cohorts(_NUM_CLIENTS.value, _CLIENTS_PER_ROUND.value, _ROUNDS.value)
@@ -77,33 +86,21 @@ def main(argv):
     with context.local_runtime(max_concurrent_computation_calls=_MAX_CONCURRENT.value):
       stages["worker_start"] = time.time() - t
       t = time.time()
-      process = workload.build_tff_process(work)
-      stages["build_process"] = time.time() - t
-      t = time.time()
-      state = [workload.initial_state(process, work)]
-      stages["initialize"] = time.time() - t
-
-      def tff_round(participants):
-        state[0], metrics, _ = workload.tff_round(process, state[0], participants)
-        return int(metrics["client_work"]["train"]["num_examples"])
-
+      runner = workload.TffContender(work, loop=_LOOP.value, compose=_COMPOSE.value,
+                                     weights_from_state=_WEIGHTS_FROM_STATE.value)
+      # Process construction, then initialize() + set_model_weights (first executions).
+      stages["build_process"] = runner.build_seconds
+      stages["initialize"] = time.time() - t - runner.build_seconds
       workers = procstats.child_worker_pids()
-      timed_rounds(tff_round, [os.getpid(), *workers])
+      timed_rounds(runner.round, [os.getpid(), *workers])
       out["peak_rss_bytes"] = {"main": procstats.peak_rss_bytes(os.getpid()),
                                "worker": sum(procstats.peak_rss_bytes(p) for p in workers)}
       out["workers"] = len(workers)
   else:
-    from benchmarks import reference  # pylint: disable=g-import-not-at-top
     t = time.time()
-    ref = reference.from_workload(work)
+    runner = workload.ReferenceContender(work)
     stages["build_process"] = time.time() - t
-
-    def ref_round(participants):
-      metrics = ref.round(participants)
-      ref.weights()
-      return int(metrics["num_examples"])
-
-    timed_rounds(ref_round, [os.getpid()])
+    timed_rounds(runner.round, [os.getpid()])
     out["peak_rss_bytes"] = {"main": procstats.peak_rss_bytes(os.getpid()), "worker": 0}
     out["workers"] = 0
   out.update(round_s=rounds, round_cpu_s=cpus, examples=examples)

@@ -39,32 +39,37 @@ def run_config(data_dir: Optional[str], num_clients: int, clients_per_round: int
   return RunConfig(**settings)
 
 
-def resample_clients(run, num_clients: int, seed: int = 0):
-  """`run` with `num_clients` clients of the 100-client split's size, images resampled.
+def resample_clients(run, num_clients: int, copy_images: bool = False, seed: int = 0):
+  """`run` with `num_clients` clients of the 100-client split's size (47 examples).
 
-  For scale points beyond the real training set: every client gets as many
-  examples as a client of the 100-client split, drawn with replacement from
-  the real training images, and the images are copied, so memory grows with
-  the number of clients as it would with that much real data.
+  For scale points beyond the real training set, each client's examples are
+  drawn with replacement from the real training images. By default clients
+  share (overlap in) those images, so the number of clients grows while the
+  image memory stays that of the real set; copy_images=True gives every
+  client its own copies, so the data grows with the clients too.
   """
   splits = run.splits
   per_client = max(1, len(splits.train_labels) // 100)
   picks = np.random.default_rng(seed).integers(0, len(splits.train_labels),
                                                num_clients * per_client)
-  splits = dataclasses.replace(splits, train_images=splits.train_images[picks],
-                               train_labels=splits.train_labels[picks])
-  partitions = [np.arange(i * per_client, (i + 1) * per_client, dtype=np.int64)
+  if copy_images:
+    splits = dataclasses.replace(splits, train_images=splits.train_images[picks],
+                                 train_labels=splits.train_labels[picks])
+    picks = np.arange(len(picks))
+  partitions = [np.sort(picks[i * per_client:(i + 1) * per_client]).astype(np.int64)
                 for i in range(num_clients)]
   config = dataclasses.replace(run.config, num_clients=num_clients)
   return dataclasses.replace(run, config=config, splits=splits, partitions=partitions)
 
 
 def prepare(data_dir: Optional[str], num_clients: int, clients_per_round: int,
-            dataset: str = "pneumoniamnist", resample: bool = False, **overrides) -> Workload:
+            dataset: str = "pneumoniamnist", resample: Optional[str] = None,
+            **overrides) -> Workload:
   """Loads and partitions the data and builds the client datasets (no TFF process yet).
 
-  resample: `num_clients` clients of the 100-client split's size, resampled
-  (see `resample_clients`); otherwise the real training set split IID.
+  resample: None splits the real training set IID over `num_clients`;
+  "shared" or "copied" makes `num_clients` resampled clients (see
+  `resample_clients`: shared images, or copies per client).
   overrides: RunConfig fields, e.g. noise_multiplier=0.0.
   """
   from tff_dpmed import models  # pylint: disable=g-import-not-at-top
@@ -74,7 +79,7 @@ def prepare(data_dir: Optional[str], num_clients: int, clients_per_round: int,
   run = trainer.prepare(run_config(data_dir, 100 if resample else num_clients,
                                    clients_per_round, dataset, **overrides))
   if resample:
-    run = resample_clients(run, num_clients)
+    run = resample_clients(run, num_clients, copy_images=(resample == "copied"))
   cfg = run.config
   t1 = time.perf_counter()
   federated_data = client_data_lib.make_federated_train_data(
@@ -86,16 +91,25 @@ def prepare(data_dir: Optional[str], num_clients: int, clients_per_round: int,
   return Workload(run, federated_data, initial, {"data": t1 - t0, "client_data": t2 - t1})
 
 
-def build_tff_process(work: Workload):
-  """The learning process the trainer runs, built by the library (see trainer)."""
+def build_tff_process(work: Workload, loop: Optional[str] = None, compose: bool = True):
+  """The learning process the trainer runs, built by the library (see trainer).
+
+  Levers (defaults = the trainer): `loop` names TFF's client loop
+  (DATASET_REDUCE, DATASET_ITERATOR; None: the library's choice); compose=False
+  leaves the dataset computation out, so each round takes client datasets
+  (see `tff_round`).
+  """
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   from tff_dpmed.federated import process as process_lib  # pylint: disable=g-import-not-at-top
   cfg = work.run.config
   tff_model = process_lib.make_functional_model(
       cfg.model, work.run.splits.info, work.federated_data.element_type_structure, cfg.seed)
+  loop_kw = {"loop_implementation": tff.learning.LoopImplementation[loop]} if loop else {}
   learning_process, _ = process_lib.build_learning_process(
       tff_model, work.run.dp, process_lib.OptimizerConfig(
-          cfg.client_learning_rate, cfg.server_learning_rate, cfg.server_momentum))
+          cfg.client_learning_rate, cfg.server_learning_rate, cfg.server_momentum), **loop_kw)
+  if not compose:
+    return learning_process
   return tff.simulation.compose_dataset_computation_with_learning_process(
       work.federated_data.dataset_computation, learning_process)
 
@@ -116,8 +130,56 @@ def cohorts(num_clients: int, clients_per_round: int, rounds: int, seed: int = 0
           for _ in range(rounds)]
 
 
-def tff_round(process, state, participants):
-  """One round as the trainer does it: next() and reading the new model weights."""
-  output = process.next(state, [str(i) for i in participants])
-  weights = process.get_model_weights(output.state)
+def tff_round(process, state, participants, work: Optional[Workload] = None,
+              weights_from_state: bool = False):
+  """One round as the trainer does it: next() and reading the new model weights.
+
+  Levers: with `work`, the process is the uncomposed one and takes each
+  client's dataset, built here in Python; weights_from_state reads the weights
+  from the returned state instead of calling get_model_weights (a second
+  computation, which sends the whole state back to the worker).
+  """
+  if work is None:
+    clients = [str(i) for i in participants]
+  else:
+    clients = [work.federated_data.create_tf_dataset_for_client(str(i)) for i in participants]
+  output = process.next(state, clients)
+  if weights_from_state:
+    weights = output.state.global_model_weights
+  else:
+    weights = process.get_model_weights(output.state)
   return output.state, output.metrics, weights
+
+
+class TffContender:
+  """tff_dpmed's process, driven the way the trainer drives it (levers as in build_tff_process
+  and tff_round). `round` returns the examples trained on."""
+
+  def __init__(self, work: Workload, loop: Optional[str] = None, compose: bool = True,
+               weights_from_state: bool = False):
+    start = time.perf_counter()
+    self.process = build_tff_process(work, loop=loop, compose=compose)
+    self.build_seconds = time.perf_counter() - start
+    self.state = initial_state(self.process, work)
+    self.weights = None
+    self._work = None if compose else work
+    self._weights_from_state = weights_from_state
+
+  def round(self, participants) -> int:
+    self.state, metrics, self.weights = tff_round(
+        self.process, self.state, participants, work=self._work,
+        weights_from_state=self._weights_from_state)
+    return int(metrics["client_work"]["train"]["num_examples"])
+
+
+class ReferenceContender:
+  """The plain-TF reference (benchmarks.reference) on the same workload."""
+
+  def __init__(self, work: Workload, noise_seed: Optional[int] = None):
+    from benchmarks import reference  # pylint: disable=g-import-not-at-top
+    self.ref = reference.from_workload(work, noise_seed=noise_seed)
+
+  def round(self, participants) -> int:
+    metrics = self.ref.round(participants)
+    self.ref.weights()  # The trainer reads the new weights every round too.
+    return int(metrics["num_examples"])
