@@ -69,9 +69,12 @@ def _summary(run_dir):
     return json.load(f)
 
 
+# Poisson cases are seeded: with 6 clients at q=0.5 an unseeded round is empty
+# about 3% of the time, which leaves that round's train loss blank. Seed 3
+# samples 4 and 4 clients.
 @pytest.mark.parametrize("mode_flags", [
-    ("--dp_mode=none", "--audit"),
-    ("--dp_mode=central", "--noise_multiplier=1.1", "--clip_mode=adaptive"),
+    ("--dp_mode=none", "--audit", "--seed=3"),
+    ("--dp_mode=central", "--noise_multiplier=1.1", "--clip_mode=adaptive", "--seed=3"),
     ("--dp_mode=central", "--noise_multiplier=1.1", "--clip_mode=fixed", "--clip=1.0",
      "--sampling=fixed"),
     ("--dp_mode=local", "--noise_multiplier=1.1", "--clip_mode=fixed", "--clip=1.0",
