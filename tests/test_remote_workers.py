@@ -16,7 +16,6 @@ Nothing here asserts on elapsed time.
 """
 
 import concurrent.futures
-import csv
 import dataclasses
 import os
 import re
@@ -33,6 +32,8 @@ import psutil
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.run_outputs import checkpoint_rounds as _checkpoint_rounds
+from tests.run_outputs import read_rows as _rows
 from tests.test_train_bad_inputs import _message_lines
 from tff_dpmed.errors import UsageError
 from tff_dpmed.program import artifacts
@@ -174,23 +175,6 @@ class _Procs:
         if proc.poll() is None:
           proc.kill()
           proc.wait()
-
-
-def _rows(run_dir) -> list:
-  path = os.path.join(run_dir, "metrics.csv")
-  if not os.path.exists(path):
-    return []
-  with open(path, newline="") as f:
-    return [r for r in csv.DictReader(f)
-            if (r.get("round") or "").isdigit() and None not in r.values()]
-
-
-def _checkpoint_rounds(run_dir) -> list:
-  root = os.path.join(run_dir, "checkpoints")
-  if not os.path.isdir(root):
-    return []
-  return sorted(int(n[len("round_"):]) for n in os.listdir(root)
-                if n.startswith("round_") and n[len("round_"):].isdigit())
 
 
 def _remote_chain(procs, cluster_workers, data_dir, root):

@@ -21,7 +21,6 @@ non-private run is also the no-noise reference for the seeded local-DP pair.
 
 import asyncio
 import concurrent.futures
-import csv
 import dataclasses
 import json
 import math
@@ -38,6 +37,8 @@ import psutil
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.run_outputs import checkpoint_rounds as _checkpoint_rounds
+from tests.run_outputs import read_rows as _rows
 
 _COMMON = ["--dataset=breastmnist", "--num_clients=6", "--clients_per_round=3",
            "--client_batch_size=32", "--rounds_per_eval=1", "--progress=false"]
@@ -221,26 +222,8 @@ def _hooked_cmd(hook_path, target, nth, signame, record, data_dir, out_dir, name
 # ------------------------------------------------------------ reading outputs
 
 
-def _rows(run_dir) -> list:
-  """metrics.csv rows; a row cut short mid-write (while polling) is left out."""
-  path = os.path.join(run_dir, "metrics.csv")
-  if not os.path.exists(path):
-    return []
-  with open(path, newline="") as f:
-    return [r for r in csv.DictReader(f)
-            if (r.get("round") or "").isdigit() and None not in r.values()]
-
-
 def _rounds(run_dir) -> list:
   return [int(r["round"]) for r in _rows(run_dir)]
-
-
-def _checkpoint_rounds(run_dir) -> list:
-  root = os.path.join(run_dir, "checkpoints")
-  if not os.path.isdir(root):
-    return []
-  return sorted(int(n[len("round_"):]) for n in os.listdir(root)
-                if n.startswith("round_") and n[len("round_"):].isdigit())
 
 
 def _load_checkpoint(run_dir, round_num) -> dict:
