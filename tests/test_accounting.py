@@ -10,7 +10,11 @@ import pytest
 
 from tff_dpmed.errors import UsageError
 from tff_dpmed.privacy import accounting
-from tff_dpmed.privacy.accounting import PrivacySetting
+from tff_dpmed.privacy import events
+from tff_dpmed.privacy import mechanisms
+from tff_dpmed.privacy import spec as spec_lib
+from tff_dpmed.privacy.ledger import PrivacyLedger
+from tff_dpmed.privacy.spec import DPSpec
 
 N, M, Z, DELTA = 3383, 120, 1.2, 1e-5
 Q = M / N
@@ -18,11 +22,13 @@ ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
 
 
-def setting(**overrides) -> PrivacySetting:
+def setting(**overrides) -> DPSpec:
   fields = dict(dp_mode="central", noise_multiplier=Z, num_clients=N, clients_per_round=M,
-                sampling="poisson", delta=DELTA, accountant="rdp")
+                sampling="poisson", delta=DELTA, accountant="rdp", clip_mode="fixed")
   fields.update(overrides)
-  return PrivacySetting(**fields)
+  if fields.pop("adaptive_clipping", False):
+    fields["clip_mode"] = "adaptive"
+  return DPSpec.from_json(fields)
 
 
 def tff_split(z, cohort):
@@ -92,21 +98,21 @@ def test_agrees_with_dp_accounting(name):
   rounds = 20
   expected = eps_fn(event, rounds, relation)
   assert accounting.epsilon_for_rounds(s, rounds) == pytest.approx(expected, rel=1e-9)
-  assert accounting.neighboring_relation(s) is relation
+  assert mechanisms.for_spec(s).neighboring_relation is relation
 
 
 def test_adaptive_split_is_exactly_one_gaussian():
   for z, cohort in [(0.5, 4), (1.2, 120), (3.0, 10), (8.0, 1000)]:
     s = setting(noise_multiplier=z, clients_per_round=cohort, adaptive_clipping=True)
-    inner = accounting.aggregator_inner_event(s)
+    inner = mechanisms.for_spec(s).release_event()
     assert isinstance(inner, dp_accounting.ComposedDpEvent)
-    assert accounting.effective_noise_multiplier(inner) == pytest.approx(z, rel=1e-12)
+    assert events.effective_noise_multiplier(inner) == pytest.approx(z, rel=1e-12)
     q = cohort / N
     composed = rdp_eps(dp_accounting.PoissonSampledDpEvent(q, inner), 50)
     single = rdp_eps(dp_accounting.PoissonSampledDpEvent(q, G(z)), 50)
     assert composed == pytest.approx(single, rel=1e-9)
   # Without sampling PLD composes the two Gaussians itself: same epsilon.
-  inner = accounting.aggregator_inner_event(setting(noise_multiplier=2.0, adaptive_clipping=True))
+  inner = mechanisms.for_spec(setting(noise_multiplier=2.0, adaptive_clipping=True)).release_event()
   assert pld_eps(inner, 10) == pytest.approx(pld_eps(G(2.0), 10), rel=1e-3)
 
 
@@ -121,7 +127,7 @@ def test_float32_multipliers_would_be_under_reported_by_rdp():
   assert bad < good  # The hazard exists...
   ours = accounting.epsilon_for_rounds(setting(adaptive_clipping=True), 100)
   assert ours == pytest.approx(good, rel=1e-9)  # ...and we do not fall into it.
-  accounting.check_event_matches(setting(adaptive_clipping=True), tff_like)
+  check_event(setting(adaptive_clipping=True), tff_like)
 
 
 def test_replace_one_convention_of_dp_accounting_is_pinned():
@@ -131,13 +137,13 @@ def test_replace_one_convention_of_dp_accounting_is_pinned():
   wor = rdp_eps(dp_accounting.SampledWithoutReplacementDpEvent(10, 10, G(2.0)), 1, REPLACE_ONE)
   assert wor == pytest.approx(rdp_eps(G(2.0), 1), rel=1e-9)
   fixed = setting(sampling="fixed")
-  assert accounting.round_event(fixed).event.noise_multiplier == pytest.approx(Z / 2)
+  assert accounting.accounted_event(fixed, "rdp").event.noise_multiplier == pytest.approx(Z / 2)
   assert accounting.epsilon_for_rounds(fixed, 100) > accounting.epsilon_for_rounds(setting(), 100)
 
 
 def test_local_uses_half_multiplier_and_no_sampling():
   local = setting(dp_mode="local", noise_multiplier=4.0)
-  assert accounting.round_event(local) == G(2.0)
+  assert accounting.accounted_event(local, "rdp") == G(2.0)
   assert accounting.epsilon_for_rounds(local, 30) == pytest.approx(rdp_eps(G(2.0), 30), rel=1e-9)
   # Local DP gets nothing from sampling: same epsilon for any cohort.
   assert accounting.epsilon_for_rounds(dataclasses.replace(local, clients_per_round=5), 30) == \
@@ -182,15 +188,15 @@ def test_zero_rounds_zero_noise_and_none():
 
 
 def test_default_delta():
-  assert accounting.default_delta(3383) == 1e-5
-  assert accounting.default_delta(1) == 1e-5
-  assert accounting.default_delta(100_000) == pytest.approx(1e-6)
-  assert accounting.default_delta(100_001) == pytest.approx(1e-7)
-  assert accounting.default_delta(1_000_000) == pytest.approx(1e-7)
+  assert spec_lib.default_delta(3383) == 1e-5
+  assert spec_lib.default_delta(1) == 1e-5
+  assert spec_lib.default_delta(100_000) == pytest.approx(1e-6)
+  assert spec_lib.default_delta(100_001) == pytest.approx(1e-7)
+  assert spec_lib.default_delta(1_000_000) == pytest.approx(1e-7)
   for n in (1, 7, 10, 999, 1000, 1001, 12345, 10**6, 10**6 + 1):
-    assert accounting.default_delta(n) < 1 / n
+    assert spec_lib.default_delta(n) < 1 / n
   with pytest.raises(UsageError):
-    accounting.default_delta(0)
+    spec_lib.default_delta(0)
 
 
 def test_resolve_accountant():
@@ -224,20 +230,20 @@ def test_resolve_accountant():
 ])
 def test_validate_rejects(overrides, words):
   with pytest.raises(UsageError) as e:
-    setting(**overrides).validate()
+    accounting.check_accountant(setting(**overrides))
   message = str(e.value)
   assert words in message and "\n" not in message
 
 
 def test_ledger_central_restores_exactly():
   for acc in ("rdp", "pld"):
-    ledger = accounting.PrivacyLedger(setting(accountant=acc, adaptive_clipping=True))
+    ledger = PrivacyLedger(setting(accountant=acc, adaptive_clipping=True))
     rng = np.random.default_rng(0)
     for _ in range(7):
       ledger.record_round(np.flatnonzero(rng.random(N) < Q).tolist())
     eps = ledger.epsilon()
-    assert eps == accounting.epsilon_for_rounds(ledger.setting, 7)
-    restored = accounting.PrivacyLedger.from_json(ledger.to_json())
+    assert eps == accounting.epsilon_for_rounds(ledger.spec, 7)
+    restored = PrivacyLedger.from_json(ledger.to_json())
     assert restored.rounds == 7
     assert restored.epsilon() == eps
     assert restored.epsilon_history == ledger.epsilon_history == [(7, eps)]
@@ -247,7 +253,7 @@ def test_ledger_central_restores_exactly():
 
 def test_ledger_local_worst_client():
   local = setting(dp_mode="local", noise_multiplier=6.0, accountant="pld")
-  ledger = accounting.PrivacyLedger(local)
+  ledger = PrivacyLedger(local)
   for ids in ([0, 1], [0], [0, 2], [1, 2], [3]):
     ledger.record_round(ids)
   assert ledger.rounds == 5
@@ -259,7 +265,7 @@ def test_ledger_local_worst_client():
   assert eps == pytest.approx(expected, rel=1e-9)
   assert eps == accounting.epsilon_for_rounds(local, 3)  # Not the 5 rounds run.
   assert eps < accounting.epsilon_for_rounds(local, 5)
-  restored = accounting.PrivacyLedger.from_json(ledger.to_json())
+  restored = PrivacyLedger.from_json(ledger.to_json())
   assert restored.epsilon() == eps and restored.max_participation == 3
   restored.record_round([2])  # Client 2 now ties client 0.
   assert restored.epsilon() == eps
@@ -269,11 +275,11 @@ def test_ledger_local_worst_client():
 
 def test_ledger_rejects_cohorts_that_contradict_the_setting():
   with pytest.raises(ValueError, match="more than once"):
-    accounting.PrivacyLedger(setting()).record_round([1, 1])
+    PrivacyLedger(setting()).record_round([1, 1])
   with pytest.raises(ValueError, match="exactly 120"):
-    accounting.PrivacyLedger(setting(sampling="fixed")).record_round(list(range(119)))
+    PrivacyLedger(setting(sampling="fixed")).record_round(list(range(119)))
   with pytest.raises(ValueError, match="exactly 3"):
-    accounting.PrivacyLedger(setting(sampling="all", num_clients=3, clients_per_round=3)
+    PrivacyLedger(setting(sampling="all", num_clients=3, clients_per_round=3)
                             ).record_round([0, 1])
 
 
@@ -281,19 +287,19 @@ def test_ledger_from_corrupt_json_is_a_usage_error():
   for text in ("not json", json.dumps({"format": "other"}), json.dumps({
       "format": "tff_dpmed.privacy_ledger.v1", "setting": {"dp_mode": "central"}})):
     with pytest.raises(UsageError):
-      accounting.PrivacyLedger.from_json(text)
+      PrivacyLedger.from_json(text)
 
 
 def test_check_event_matches_rejects_other_events():
   adaptive = setting(adaptive_clipping=True)
-  accounting.check_event_matches(adaptive, dp_accounting.ComposedDpEvent([G(z_v), G(2 * s_b)]))
+  check_event(adaptive, dp_accounting.ComposedDpEvent([G(z_v), G(2 * s_b)]))
   for wrong in (G(Z), dp_accounting.ComposedDpEvent([G(z_v * 0.99), G(2 * s_b)]),
                 dp_accounting.ComposedDpEvent([G(z_v)]), dp_accounting.NonPrivateDpEvent()):
     with pytest.raises(RuntimeError, match="not the one the privacy accounting assumes"):
-      accounting.check_event_matches(adaptive, wrong)
-  accounting.check_event_matches(setting(), G(np.float32(Z)))
+      check_event(adaptive, wrong)
+  check_event(setting(), G(np.float32(Z)))
   with pytest.raises(RuntimeError):
-    accounting.check_event_matches(setting(), G(Z * 1.001))
+    check_event(setting(), G(Z * 1.001))
 
 
 def test_tff_aggregator_events_match(tff_runtime):
@@ -301,11 +307,10 @@ def test_tff_aggregator_events_match(tff_runtime):
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
   from tensorflow_federated.python.aggregators import differential_privacy
-  from tff_dpmed.privacy import calibration  # pylint: disable=g-import-not-at-top
 
   del tff_runtime
   cohort, z_adaptive, z_fixed = 4, 1.2, 0.7
-  sigma_b = calibration.choose_clipped_count_stddev(z_adaptive, cohort)  # = z here: small cohort.
+  sigma_b = spec_lib.choose_clipped_count_stddev(z_adaptive, cohort)  # = z here: small cohort.
   value_type = tff.TensorType(np.float32, [3])
   dpf = tff.aggregators.DifferentiallyPrivateFactory
   adaptive = dpf.gaussian_adaptive(noise_multiplier=z_adaptive, clients_per_round=float(cohort),
@@ -323,12 +328,49 @@ def test_tff_aggregator_events_match(tff_runtime):
   fixed_event = differential_privacy.extract_dp_event_from_state(fixed_state)
 
   ours = setting(noise_multiplier=z_adaptive, clients_per_round=cohort, adaptive_clipping=True)
-  assert accounting.clipped_count_stddev_for(ours) == sigma_b
-  accounting.check_event_matches(ours, adaptive_event)
-  accounting.check_event_matches(
+  assert ours.count_stddev == sigma_b
+  check_event(ours, adaptive_event)
+  check_event(
       setting(noise_multiplier=z_fixed, clients_per_round=cohort), fixed_event)
   # And what it composes to is z: the accounting of the run is that of G(z).
-  assert accounting.effective_noise_multiplier(adaptive_event) == pytest.approx(
+  assert events.effective_noise_multiplier(adaptive_event) == pytest.approx(
       z_adaptive, rel=1e-5)
   with pytest.raises(RuntimeError):
-    accounting.check_event_matches(dataclasses.replace(ours, noise_multiplier=1.0), adaptive_event)
+    check_event(dataclasses.replace(ours, noise_multiplier=1.0), adaptive_event)
+
+
+def check_event(spec: DPSpec, theirs) -> None:
+  mechanisms.for_spec(spec).check_event(theirs)
+
+
+def test_adaptive_split_is_tffs():
+  from tensorflow_federated.python.aggregators import differential_privacy  # pylint: disable=g-import-not-at-top
+  for z, cohort in [(0.5, 4), (1.2, 120), (3.0, 10)]:
+    spec = setting(noise_multiplier=z, clients_per_round=cohort, adaptive_clipping=True)
+    ours = mechanisms.for_spec(spec).noise_split()
+    theirs = differential_privacy.adaptive_clip_noise_params(z, cohort, spec.count_stddev)
+    assert ours == pytest.approx(theirs, rel=1e-12)
+
+
+def test_ledger_refuses_other_settings():
+  ledger = PrivacyLedger(setting(noise_multiplier=5.0))
+  ledger.check_matches(setting(noise_multiplier=5.0))
+  for other in (setting(noise_multiplier=0.5), setting(noise_multiplier=5.0, delta=1e-6),
+                setting(noise_multiplier=5.0, clients_per_round=10)):
+    with pytest.raises(UsageError, match="other privacy settings"):
+      ledger.check_matches(other)
+
+
+def test_reproducible_sampling_is_accounted_without_amplification():
+  seeded = setting(reproducible_sampling=True)
+  assert accounting.accounted_event(seeded, "rdp") == G(Z)
+  assert accounting.epsilon_for_rounds(seeded, 100) == pytest.approx(rdp_eps(G(Z), 100), rel=1e-9)
+  assert accounting.epsilon_for_rounds(seeded, 100) > 3 * accounting.epsilon_for_rounds(setting(), 100)
+  fixed = setting(sampling="fixed", reproducible_sampling=True)
+  assert accounting.accounted_event(fixed, "rdp") == G(Z / 2)  # Still replace-one.
+
+
+def test_absurd_round_counts_are_refused_not_allocated():
+  for rounds in (10**9, -1):
+    with pytest.raises(UsageError, match="--rounds"):
+      accounting.epsilon_for_rounds(setting(accountant="pld"), rounds)

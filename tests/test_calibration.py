@@ -8,14 +8,18 @@ import pytest
 from tff_dpmed.errors import UsageError
 from tff_dpmed.privacy import accounting
 from tff_dpmed.privacy import calibration
-from tff_dpmed.privacy.accounting import PrivacySetting
+from tff_dpmed.privacy import mechanisms
+from tff_dpmed.privacy import spec as spec_lib
+from tff_dpmed.privacy.spec import DPSpec
 
 
-def setting(**overrides) -> PrivacySetting:
+def setting(**overrides) -> DPSpec:
   fields = dict(dp_mode="central", noise_multiplier=0.0, num_clients=3383, clients_per_round=120,
-                sampling="poisson", delta=1e-5, accountant="rdp")
+                sampling="poisson", delta=1e-5, accountant="rdp", clip_mode="fixed")
   fields.update(overrides)
-  return PrivacySetting(**fields)
+  if fields.pop("adaptive_clipping", False):
+    fields["clip_mode"] = "adaptive"
+  return DPSpec.from_json(fields)
 
 
 @pytest.mark.parametrize("overrides, rounds, target", [
@@ -45,15 +49,15 @@ def test_setting_noise_multiplier_is_ignored():
 
 
 def test_choose_clipped_count_stddev():
-  assert calibration.choose_clipped_count_stddev(0.0, 120) == 0.0
-  assert calibration.choose_clipped_count_stddev(1.2, 120) == pytest.approx(6.0)  # TFF default.
-  assert calibration.choose_clipped_count_stddev(1.2, 4) == 1.2  # Small cohort: s = z.
+  assert spec_lib.choose_clipped_count_stddev(0.0, 120) == 0.0
+  assert spec_lib.choose_clipped_count_stddev(1.2, 120) == pytest.approx(6.0)  # TFF default.
+  assert spec_lib.choose_clipped_count_stddev(1.2, 4) == 1.2  # Small cohort: s = z.
   for z, cohort in [(0.3, 1), (1.2, 4), (1.2, 23), (5.0, 100), (50.0, 3383)]:
-    s = calibration.choose_clipped_count_stddev(z, cohort)
+    s = spec_lib.choose_clipped_count_stddev(z, cohort)
     assert z < 2 * s  # TFF would raise otherwise.
-    z_v, s_used = accounting.adaptive_noise_split(
+    z_v, s_used = mechanisms.for_spec(
         setting(noise_multiplier=z, clients_per_round=cohort, num_clients=5000,
-                adaptive_clipping=True))
+                adaptive_clipping=True)).noise_split()
     assert s_used == s
     assert z_v <= z / (0.75**0.5) * (1 + 1e-12)  # At most ~1.155x more update noise.
     # Whatever s is, the composed event accounts exactly as one Gaussian with z.
@@ -89,9 +93,8 @@ def test_bad_input_is_a_one_line_usage_error(kwargs, words):
 def test_pld_reaches_a_target_that_rdp_cannot():
   # At 2 rounds, RDP cannot get below epsilon ~0.0035 with any z <= 1e4, but
   # PLD can reach 0.001; PLD's calibration must not give up on RDP's verdict.
-  setting = PrivacySetting(dp_mode="central", noise_multiplier=1.0, num_clients=10,
-                           clients_per_round=5, sampling="poisson", delta=1e-5,
-                           accountant="pld")
+  setting = DPSpec(mode="central", noise_multiplier=1.0, num_clients=10, clients_per_round=5,
+                   sampling="poisson", delta=1e-5, accountant="pld", clip_mode="fixed")
   with pytest.raises(UsageError):
     calibration.calibrate_noise_multiplier(
         dataclasses.replace(setting, accountant="rdp"), 2, 0.001)

@@ -12,22 +12,37 @@ from scipy import stats
 import tensorflow_federated as tff
 
 from tff_dpmed.errors import UsageError
-from tff_dpmed.privacy import aggregators
-from tff_dpmed.privacy import central_dp
 from tff_dpmed.privacy import local_dp
-from tff_dpmed.privacy.dp_config import DPConfig
+from tff_dpmed.privacy import mechanisms
+from tff_dpmed.privacy import safe_updates
+from tff_dpmed.privacy.spec import DPSpec
 
 DIM = 20_000
 # Two-sided false-failure probability of each statistical check.
 ALPHA = 1e-6
 
 
-def _central(**kwargs) -> DPConfig:
-  return DPConfig(mode="central", **kwargs)
+def _spec(mode="central", expected_clients_per_round=1, seed=None, **kwargs) -> DPSpec:
+  """A DPSpec in the words of the aggregator tests (expected cohort, seed)."""
+  kwargs.setdefault("noise_multiplier", 0.0)
+  cohort = expected_clients_per_round
+  return DPSpec(mode=mode, num_clients=max(100, cohort) if isinstance(cohort, int) else 100,
+                clients_per_round=cohort, noise_seed=seed if mode == "local" else None,
+                **kwargs)
 
 
-def _build(cfg: DPConfig, dim: int):
-  factory, choices = central_dp.build_central_dp_factory(cfg)
+def _central(**kwargs) -> DPSpec:
+  return _spec(mode="central", **kwargs)
+
+
+def _factory(spec: DPSpec):
+  """What training aggregates with: the mechanism's factory behind the overflow guard."""
+  mechanism = mechanisms.for_spec(spec)
+  return safe_updates.bounded(mechanism.aggregator()), mechanism.noise_choices()
+
+
+def _build(cfg: DPSpec, dim: int):
+  factory, choices = _factory(cfg)
   return factory.create(tff.TensorType(np.float32, [dim])), choices
 
 
@@ -194,23 +209,22 @@ def test_tff_default_stddev_would_fail_for_small_cohort():
     (0.5, 10, 0.5),
 ])
 def test_automatic_clipped_count_stddev(z, n, expected):
-  _, choices = central_dp.build_central_dp_factory(
+  _, choices = _factory(
       _central(noise_multiplier=z, expected_clients_per_round=n))
   assert choices["clipped_count_stddev"] == pytest.approx(expected)
   assert z < 2 * expected or z == 0
 
 
 def test_large_cohort_keeps_tff_default_stddev():
-  _, choices = central_dp.build_central_dp_factory(
+  _, choices = _factory(
       _central(noise_multiplier=1.1, expected_clients_per_round=100))
   assert choices["clipped_count_stddev"] == pytest.approx(5.0)
   assert choices["value_noise_inflation"] < 1.01
 
 
 def test_explicit_too_small_stddev_is_a_usage_error():
-  cfg = _central(noise_multiplier=1.1, expected_clients_per_round=3, clipped_count_stddev=0.15)
-  with pytest.raises(UsageError) as e:
-    central_dp.build_central_dp_factory(cfg)
+  with pytest.raises(UsageError) as e:  # At construction: a DPSpec that exists is valid.
+    _central(noise_multiplier=1.1, expected_clients_per_round=3, clipped_count_stddev=0.15)
   message = str(e.value)
   assert "\n" not in message
   assert "--clipped_count_stddev" in message and "0.55" in message
@@ -218,10 +232,10 @@ def test_explicit_too_small_stddev_is_a_usage_error():
 
 
 def test_explicit_sufficient_stddev_is_used():
-  _, choices = central_dp.build_central_dp_factory(
+  _, choices = _factory(
       _central(noise_multiplier=1.1, expected_clients_per_round=3, clipped_count_stddev=2.0))
   assert choices["clipped_count_stddev"] == 2.0
-  assert choices["clipped_count_stddev_source"] == "given in the config"
+  assert choices["clipped_count_stddev_source"] == "given by --clipped_count_stddev"
   assert choices["value_noise_multiplier"] == pytest.approx((1.1**-2 - 4.0**-2)**-0.5)
 
 
@@ -241,6 +255,9 @@ def test_explicit_sufficient_stddev_is_used():
     (dict(mode="central", target_unclipped_quantile=1.0), "--target_unclipped_quantile"),
     (dict(mode="central", adaptive_clip_learning_rate=-0.1), "--adaptive_clip_learning_rate"),
     (dict(mode="central", expected_clients_per_round=0), "--clients_per_round"),
+    (dict(mode="central", clip=1e-40), "--clip"),
+    (dict(mode="central", clip=1e39), "--clip"),
+    (dict(mode="central", noise_multiplier=3.5e38), "--noise_multiplier"),
     (dict(mode="central", clip_mode="fixed", clipped_count_stddev=1.0),
      "--clipped_count_stddev"),
     (dict(mode="central", clipped_count_stddev=-1.0), "--clipped_count_stddev"),
@@ -251,45 +268,50 @@ def test_explicit_sufficient_stddev_is_used():
 ])
 def test_validate_rejects_bad_config(kwargs, fragment):
   with pytest.raises(UsageError) as e:
-    DPConfig(**kwargs).validate()
+    _spec(**kwargs)
   assert fragment in str(e.value)
   assert "\n" not in str(e.value)
 
 
 def test_validate_accepts_good_configs():
-  DPConfig(mode="none").validate()
-  DPConfig(mode="central", noise_multiplier=1.1, expected_clients_per_round=3).validate()
-  DPConfig(mode="central", clip_mode="fixed", noise_multiplier=0.0, clip=1).validate()
-  DPConfig(mode="local", clip_mode="fixed", noise_multiplier=2.0, seed=7).validate()
-  # The trainer's --seed also reaches central configs; it must not be an error.
-  DPConfig(mode="central", noise_multiplier=1.0, seed=3,
-           expected_clients_per_round=20).validate()
+  _spec(mode="none")
+  _central(noise_multiplier=1.1, expected_clients_per_round=3)
+  _central(clip_mode="fixed", noise_multiplier=0.0, clip=1)
+  _spec(mode="local", clip_mode="fixed", noise_multiplier=2.0, seed=7)
 
 
 def test_dispatch_none_keeps_tff_default():
-  assert aggregators.build_model_aggregator(DPConfig(mode="none")) == (None, {})
+  mechanism = mechanisms.for_spec(_spec(mode="none"))
+  assert mechanism.aggregator() is None and mechanism.noise_choices() == {}
 
 
 def test_dispatch_central():
-  factory, choices = aggregators.build_model_aggregator(
-      _central(noise_multiplier=1.0, clip_mode="fixed", clip=0.2,
-               expected_clients_per_round=5))
-  assert isinstance(factory, tff.aggregators.DifferentiallyPrivateFactory)
+  mechanism = mechanisms.for_spec(_central(noise_multiplier=1.0, clip_mode="fixed", clip=0.2,
+                                           expected_clients_per_round=5))
+  assert isinstance(mechanism.aggregator(), tff.aggregators.DifferentiallyPrivateFactory)
+  choices = mechanism.noise_choices()
   assert choices["dp_mode"] == "central" and choices["clip"] == 0.2
 
 
 def test_dispatch_local():
-  factory, choices = aggregators.build_model_aggregator(
-      DPConfig(mode="local", clip_mode="fixed", noise_multiplier=1.0, clip=0.2))
-  assert isinstance(factory, local_dp.LocalGaussianFactory)
-  assert choices["noise_stddev_per_client"] == pytest.approx(0.2)
+  mechanism = mechanisms.for_spec(_spec(mode="local", clip_mode="fixed", noise_multiplier=1.0,
+                                        clip=0.2))
+  assert isinstance(mechanism.aggregator(), local_dp.LocalGaussianFactory)
+  assert mechanism.noise_choices()["noise_stddev_per_client"] == pytest.approx(0.2)
 
 
-def test_dispatch_validates_first():
-  with pytest.raises(UsageError, match="--clip_mode=fixed"):
-    aggregators.build_model_aggregator(DPConfig(mode="local", clip_mode="adaptive"))
-
-
-def test_central_builder_rejects_other_modes():
-  with pytest.raises(UsageError, match="--dp_mode=central"):
-    central_dp.build_central_dp_factory(DPConfig(mode="local", clip_mode="fixed"))
+def test_overflowing_update_is_clipped_not_nan(tff_runtime, fixed_clean):
+  # Finite entries whose squares overflow float32: tf.clip_by_global_norm gives NaN.
+  process, _ = fixed_clean
+  for magnitude in (2e19, 1e20, 3e38):
+    huge = np.full(DIM, magnitude, np.float32)
+    normal = np.full(DIM, 0.1 * FIXED_CLIP / math.sqrt(DIM), np.float32)
+    result = np.asarray(process.next(process.initialize(), [huge, normal, normal, normal]).result)
+    assert np.all(np.isfinite(result)), magnitude
+    # The huge update counts as one update of norm C: the mean stays <= C.
+    assert np.linalg.norm(result) <= FIXED_CLIP * (1 + 1e-5)
+    expected = (np.full(DIM, FIXED_CLIP / math.sqrt(DIM)) + 3 * normal) / FIXED_N
+    np.testing.assert_allclose(result, expected, rtol=1e-4)
+  nan_update = np.full(DIM, np.nan, np.float32)
+  result = np.asarray(process.next(process.initialize(), [nan_update] + [normal] * 3).result)
+  np.testing.assert_allclose(result, 3 * normal / FIXED_N, rtol=1e-5)  # Zeroed, not NaN.

@@ -15,9 +15,9 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_dpmed.errors import UsageError
-from tff_dpmed.privacy import aggregators
+from tff_dpmed.privacy import mechanisms
 from tff_dpmed.privacy import local_dp
-from tff_dpmed.privacy.dp_config import DPConfig
+from tff_dpmed.privacy.spec import DPSpec
 
 DIM = 20_000
 Z, CLIP = 1.0, 1.0
@@ -88,15 +88,15 @@ class _ClientNoiseInspector(tff.aggregators.UnweightedAggregationFactory):
 
 @pytest.fixture(scope="module")
 def unseeded():
-  factory, _ = local_dp.build_local_dp_factory(
-      DPConfig(mode="local", clip_mode="fixed", noise_multiplier=Z, clip=CLIP))
+  factory = mechanisms.for_spec(
+      DPSpec(mode="local", clip_mode="fixed", noise_multiplier=Z, clip=CLIP)).aggregator()
   return factory.create(VECTOR)
 
 
 @pytest.fixture(scope="module")
 def seeded():
-  factory, _ = local_dp.build_local_dp_factory(
-      DPConfig(mode="local", clip_mode="fixed", noise_multiplier=Z, clip=CLIP, seed=SEED))
+  factory = mechanisms.for_spec(DPSpec(mode="local", clip_mode="fixed", noise_multiplier=Z,
+                                       clip=CLIP, noise_seed=SEED)).aggregator()
   return factory.create(VECTOR)
 
 
@@ -255,19 +255,31 @@ def test_measurements_are_constants_only(tff_runtime, unseeded):
 
 
 def test_choices_describe_the_mechanism():
-  _, choices = local_dp.build_local_dp_factory(
-      DPConfig(mode="local", clip_mode="fixed", noise_multiplier=1.5, clip=0.2, seed=3))
+  choices = mechanisms.for_spec(DPSpec(mode="local", clip_mode="fixed", noise_multiplier=1.5,
+                                       clip=0.2, noise_seed=3)).noise_choices()
   assert choices["noise_stddev_per_client"] == pytest.approx(0.3)
   assert choices["seeded"] is True
   assert "not private" in choices["why"]
 
 
 def test_adaptive_clipping_with_local_dp_is_a_usage_error():
-  cfg = DPConfig(mode="local", clip_mode="adaptive", noise_multiplier=1.0)
-  for build in (aggregators.build_model_aggregator, local_dp.build_local_dp_factory):
-    with pytest.raises(UsageError) as e:
-      build(cfg)
-    assert "--clip_mode=fixed" in str(e.value) and "\n" not in str(e.value)
+  with pytest.raises(UsageError) as e:
+    DPSpec(mode="local", clip_mode="adaptive", noise_multiplier=1.0)
+  assert "--clip_mode=fixed" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_overflowing_update_is_clipped_before_noise(tff_runtime, clean_struct):
+  # Entries whose squares overflow float32 made tf.clip_by_global_norm return NaN.
+  for magnitude in (2e19, 3e38):
+    value = collections.OrderedDict(a=np.full(3, magnitude, np.float32),
+                                    b=np.full((2, 2), magnitude, np.float32))
+    out = clean_struct.next(clean_struct.initialize(), [value]).result
+    flat = np.concatenate([np.ravel(out["a"]), np.ravel(out["b"])])
+    assert np.all(np.isfinite(flat)), magnitude
+    assert np.linalg.norm(flat) == pytest.approx(CLIP, rel=1e-5)
+  value = collections.OrderedDict(a=np.array([np.inf, 1, 1], np.float32), b=np.ones((2, 2), np.float32))
+  out = clean_struct.next(clean_struct.initialize(), [value]).result
+  assert np.all(np.asarray(out["a"]) == 0) and np.all(np.asarray(out["b"]) == 0)
 
 
 @pytest.mark.parametrize("kwargs", [dict(clip=0.0, noise_multiplier=1.0),

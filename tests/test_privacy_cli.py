@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tff_dpmed.privacy import accounting
+from tff_dpmed.privacy.spec import DPSpec
 from tff_dpmed.privacy import calibration
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -22,14 +23,19 @@ def calculator(*args):
 
 def last_json(proc) -> dict:
   assert proc.returncode == 0, proc.stderr
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return json.loads(proc.stdout.strip().splitlines()[-1], parse_constant=_reject_constant)
+
+
+def _reject_constant(name):
+  raise AssertionError(f"non-standard JSON constant {name} in the calculator's output")
 
 
 def setting(**overrides):
   fields = dict(dp_mode="central", noise_multiplier=1.2, num_clients=3383, clients_per_round=120,
                 sampling="poisson", delta=1e-5, accountant="auto", adaptive_clipping=True)
   fields.update(overrides)
-  return accounting.PrivacySetting(**fields)
+  fields["clip_mode"] = "adaptive" if fields.pop("adaptive_clipping") else "fixed"
+  return DPSpec.from_json(fields)
 
 
 def test_epsilon_matches_library():
@@ -74,7 +80,7 @@ def test_local_reports_worst_case():
 
 def test_none_is_infinite():
   out = last_json(calculator("--num_clients=50", "--rounds=3", "--dp_mode=none"))
-  assert math.isinf(out["epsilon"])
+  assert out["epsilon"] is None and "no noise" in out["epsilon_note"]
 
 
 @pytest.mark.parametrize("args, words", [
@@ -88,6 +94,12 @@ def test_none_is_infinite():
     (PUBLISHED + ["--noise_multiplier=1", "--dp_mode=local"], "--clip_mode=fixed"),
     (PUBLISHED + ["--noise_multiplier=1", "--sampling=shuffle"], "--sampling"),
     (PUBLISHED + ["--noise_multiplier=nan"], "not finite"),
+    (["--num_clients=3383", "--clients_per_round=120", "--rounds=1000000000",
+      "--noise_multiplier=1"], "--rounds"),
+    (["--num_clients=3383", "--clients_per_round=120", "--rounds=1000000000",
+      "--target_epsilon=3"], "--rounds"),
+    (PUBLISHED + ["--target_epsilon=1e300"], "too loose"),
+    (PUBLISHED + ["--noise_multiplier=1e39"], "float32"),
 ])
 def test_bad_input_exits_2_with_one_line(args, words):
   proc = calculator(*args)

@@ -1,7 +1,14 @@
 """Shared CLI plumbing: absl flag parsing and one-line errors with exit code 2."""
 
+import os
 import sys
 from typing import Callable, Sequence
+
+# TensorFlow's C++ start-up lines (oneDNN, cuDNN, cuFFT, cuBLAS, TensorRT,
+# grappler) tell a CPU user nothing: hide everything below errors unless
+# --verbosity (absl's flag) asks for detail. Set before any CLI imports TF.
+if not any(arg.startswith(("--verbosity", "-v=", "--v=")) for arg in sys.argv[1:]):
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
 from absl import flags

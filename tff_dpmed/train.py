@@ -6,20 +6,26 @@ Writes <output_dir>/<experiment_name>/: metrics.csv, summary.json, tensorboard/,
 checkpoints/, saved_model/<model>/<version>/. Rerunning the same command resumes.
 """
 
-import json
 import sys
 
 from absl import flags
 from absl import logging
 
 from tff_dpmed import cli
+from tff_dpmed import files
 # TensorFlow must be imported before absl's app.run calls main: imported first
 # inside main, Keras fails to build functional models (Flatten sees None).
+from tff_dpmed.privacy.spec import Accountant, ClipMode, DPMode, Sampling, choices
 from tff_dpmed.program import trainer
-from tff_dpmed.program.config import (ACCOUNTANTS, CLIP_MODES, DP_MODES, EXECUTORS, PARTITIONS,
-                                      SAMPLINGS, RunConfig)
+from tff_dpmed.program.config import EXECUTORS, PARTITIONS, RunConfig, default
 
-_D = RunConfig()
+
+class _Defaults:
+  def __getattr__(self, name):
+    return default(name)
+
+
+_D = _Defaults()
 FLAGS = flags.FLAGS
 
 # Data.
@@ -41,7 +47,7 @@ flags.DEFINE_string("model", _D.model, "cnn (small, fast default), gap_cnn (glob
 flags.DEFINE_integer("rounds", _D.rounds, "Federated rounds.")
 flags.DEFINE_integer("clients_per_round", _D.clients_per_round,
                      "Expected clients per round (exact for --sampling=fixed).")
-flags.DEFINE_enum("sampling", _D.sampling, SAMPLINGS, "Client sampling, as the accountant "
+flags.DEFINE_enum("sampling", _D.sampling, choices(Sampling), "Client sampling, as the accountant "
                   "assumes it: poisson (each client with q=clients_per_round/num_clients), "
                   "fixed (uniform without replacement), all.")
 flags.DEFINE_integer("client_epochs", _D.client_epochs, "Local epochs per round.")
@@ -50,15 +56,15 @@ flags.DEFINE_float("client_learning_rate", _D.client_learning_rate, "Client SGD 
 flags.DEFINE_float("server_learning_rate", _D.server_learning_rate, "Server learning rate.")
 flags.DEFINE_float("server_momentum", _D.server_momentum, "Server SGD momentum (0 = none).")
 # Privacy.
-flags.DEFINE_enum("dp_mode", _D.dp_mode, DP_MODES, "central: the server adds noise once to "
+flags.DEFINE_enum("dp_mode", _D.dp_mode, choices(DPMode), "central: the server adds noise once to "
                   "the clipped sum; local: each client noises its own update; none: baseline.")
 flags.DEFINE_float("noise_multiplier", None, "Noise stddev / clip norm (z).")
 flags.DEFINE_float("target_epsilon", None, "Instead of --noise_multiplier: the smallest noise "
                    "that meets this epsilon after --rounds.")
 flags.DEFINE_float("max_epsilon", None, "Stop cleanly before a round would exceed this epsilon.")
 flags.DEFINE_float("delta", None, "Target delta. Default: below 1/num_clients.")
-flags.DEFINE_enum("accountant", _D.accountant, ACCOUNTANTS, "auto = PLD where it applies, else RDP.")
-flags.DEFINE_enum("clip_mode", _D.clip_mode, CLIP_MODES, "adaptive (Andrew et al. 2021) or fixed.")
+flags.DEFINE_enum("accountant", _D.accountant, choices(Accountant), "auto = PLD where it applies, else RDP.")
+flags.DEFINE_enum("clip_mode", _D.clip_mode, choices(ClipMode), "adaptive (Andrew et al. 2021) or fixed.")
 flags.DEFINE_float("clip", _D.clip, "Fixed clip norm, or the initial one for adaptive clipping.")
 flags.DEFINE_float("target_unclipped_quantile", _D.target_unclipped_quantile,
                    "Adaptive clipping: the quantile of update norms to track.")
@@ -73,8 +79,15 @@ flags.DEFINE_integer("rounds_per_checkpoint", _D.rounds_per_checkpoint,
                      "Checkpoint every N rounds (and on SIGINT/SIGTERM).")
 flags.DEFINE_string("output_dir", _D.output_dir, "Root folder for runs.")
 flags.DEFINE_string("experiment_name", _D.experiment_name, "Run folder under --output_dir.")
-flags.DEFINE_integer("seed", None, "Seed for splits, sampling, init and local-DP noise. For "
+flags.DEFINE_integer("seed", None, "Seed for splits, init and local-DP noise, and for client "
+                     "sampling only without DP or with --insecure_reproducible_sampling. For "
                      "debugging only: seeded noise is predictable. Default: non-deterministic.")
+flags.DEFINE_bool("insecure_reproducible_sampling", False, "DP modes: seed client sampling "
+                  "with --seed too. Whoever knows the seed knows every cohort, so epsilon is "
+                  "then reported WITHOUT amplification by sampling.")
+flags.DEFINE_bool("debug_metrics", False, "DP modes: also write per-round train loss and "
+                  "accuracy, cohort size and round time. They are NOT covered by epsilon: "
+                  "debugging only (always written with --dp_mode=none).")
 flags.DEFINE_bool("restart", False, "Discard the run folder's checkpoints and metrics.")
 flags.DEFINE_bool("audit", False, "Run TF Privacy's membership-inference attacks on the "
                   "final model (train examples = members, test = non-members); results go "
@@ -93,24 +106,19 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
 def config_from_flags() -> RunConfig:
-  return RunConfig(
-      dataset=FLAGS.dataset, image_size=int(FLAGS.image_size), data_dir=FLAGS.data_dir,
-      download=FLAGS.download, num_clients=FLAGS.num_clients, partition=FLAGS.partition,
-      dirichlet_alpha=FLAGS.dirichlet_alpha, model=FLAGS.model, rounds=FLAGS.rounds,
-      clients_per_round=FLAGS.clients_per_round, sampling=FLAGS.sampling,
-      client_epochs=FLAGS.client_epochs, client_batch_size=FLAGS.client_batch_size,
-      client_learning_rate=FLAGS.client_learning_rate,
-      server_learning_rate=FLAGS.server_learning_rate, server_momentum=FLAGS.server_momentum,
-      dp_mode=FLAGS.dp_mode, noise_multiplier=FLAGS.noise_multiplier,
-      target_epsilon=FLAGS.target_epsilon, max_epsilon=FLAGS.max_epsilon, delta=FLAGS.delta,
-      accountant=FLAGS.accountant, clip_mode=FLAGS.clip_mode, clip=FLAGS.clip,
-      target_unclipped_quantile=FLAGS.target_unclipped_quantile,
-      adaptive_clip_learning_rate=FLAGS.adaptive_clip_learning_rate,
-      clipped_count_stddev=FLAGS.clipped_count_stddev, rounds_per_eval=FLAGS.rounds_per_eval,
-      rounds_per_checkpoint=FLAGS.rounds_per_checkpoint, output_dir=FLAGS.output_dir,
-      experiment_name=FLAGS.experiment_name, seed=FLAGS.seed, restart=FLAGS.restart,
-      audit=FLAGS.audit, max_concurrent_computation_calls=FLAGS.max_concurrent_computation_calls,
-      executor=FLAGS.executor, workers=FLAGS.workers, worker_binary=FLAGS.worker_binary)
+  names = ("dataset", "data_dir", "download", "num_clients", "partition", "dirichlet_alpha",
+           "model", "rounds", "clients_per_round", "sampling", "client_epochs",
+           "client_batch_size", "client_learning_rate", "server_learning_rate",
+           "server_momentum", "dp_mode", "noise_multiplier", "target_epsilon", "max_epsilon",
+           "delta", "accountant", "clip_mode", "clip", "target_unclipped_quantile",
+           "adaptive_clip_learning_rate", "clipped_count_stddev", "rounds_per_eval",
+           "rounds_per_checkpoint", "output_dir", "experiment_name", "seed", "restart", "audit",
+           "debug_metrics", "max_concurrent_computation_calls", "executor", "workers",
+           "worker_binary")
+  flat = {name: FLAGS[name].value for name in names}
+  flat.update(image_size=int(FLAGS.image_size),
+              reproducible_sampling=FLAGS.insecure_reproducible_sampling)
+  return RunConfig.from_json(flat)
 
 
 def main(argv):
@@ -118,6 +126,9 @@ def main(argv):
     cli.fail(f"unexpected arguments {argv[1:]}: all options are --flags (see --helpfull)")
   logging.set_verbosity(logging.WARNING)
   run = trainer.prepare(config_from_flags())
+  if run.mechanism.spec.reproducible_sampling:
+    print("warning: --insecure_reproducible_sampling: client sampling is seeded, so epsilon "
+          "is reported without amplification by sampling", file=sys.stderr, flush=True)
   try:
     summary = trainer.train(run, show_progress=FLAGS.progress)
   except trainer.TrainingError as e:
@@ -126,7 +137,8 @@ def main(argv):
   p = summary["privacy"]
   eps = "inf (no DP)" if p["epsilon"] is None else f"{p['epsilon']:.3f}"
   print(f"test accuracy {summary['test_accuracy']:.4f}  test AUC {summary['test_auc']:.4f}  "
-        f"epsilon {eps}  delta {p['delta']}  ({p['dp_mode']} DP, round "
+        f"epsilon {eps}  delta {p['delta']}  ({p['dp_mode']} DP"
+        + (f", {p['privacy_unit']}-level" if p.get("privacy_unit") else "") + ", round "
         f"{summary['selected_round']} of {summary['rounds_completed']}, "
         f"{summary['wall_seconds']:.0f}s)")
   if "audit" in summary:
@@ -134,8 +146,9 @@ def main(argv):
     print(f"membership-inference audit: attack AUC {a['attack_auc']:.3f}, attacker advantage "
           f"{a['attacker_advantage']:.3f}")
   print(f"run folder: {run.config.run_dir}   SavedModel: {summary['saved_model']}")
-  print(json.dumps({k: summary[k] for k in ("test_accuracy", "test_auc")} |
-                   {"epsilon": p["epsilon"], "delta": p["delta"]}))
+  print(files.dumps({k: summary[k] for k in ("test_accuracy", "test_auc")} |
+                    {"epsilon": p["epsilon"], "delta": p["delta"],
+                     "privacy_unit": p.get("privacy_unit")}))
 
 
 def run():

@@ -9,8 +9,7 @@ import tensorflow_federated as tff
 
 from tff_dpmed import models
 from tff_dpmed.data.types import DatasetInfo
-from tff_dpmed.privacy.aggregators import build_model_aggregator
-from tff_dpmed.privacy.dp_config import DPConfig
+from tff_dpmed.privacy import safe_updates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,23 +65,42 @@ def make_functional_model(model_name: str, info: DatasetInfo, input_spec,
 CLIENT_LOOP = tff.learning.LoopImplementation.DATASET_ITERATOR
 
 
-def build_learning_process(model, dp: DPConfig, opt: OptimizerConfig,
+def release_no_client_metrics(metric_finalizers, local_unfinalized_metrics_type=None):
+  """A TFF metrics aggregator that releases nothing of the clients' metrics.
+
+  TFF's default sums each client's loss, accuracy and example count in the
+  clear, outside any DP mechanism; in DP modes they must not leave a client.
+  """
+  del metric_finalizers, local_unfinalized_metrics_type
+
+  @tff.federated_computation
+  def aggregate(client_metrics):
+    del client_metrics
+    return tff.federated_value((), tff.SERVER)
+
+  return aggregate
+
+
+def build_learning_process(model, mechanism, opt: OptimizerConfig,
+                           release_client_metrics: bool,
                            loop_implementation: tff.learning.LoopImplementation = CLIENT_LOOP):
   """DP-FedAvg: uniform client weighting, as client-level DP needs bounded per-client influence.
 
-  Returns the process and what the DP aggregator chose (e.g. the clipped-count
-  stddev for small cohorts), for the run's log and summary.
-  `loop_implementation` is TFF's client training loop.
+  `mechanism` (a `privacy.mechanisms.Mechanism`) supplies the aggregator;
+  client updates reach it through `safe_updates.bounded`, so no finite update
+  can overflow the clipping. `loop_implementation` is TFF's client loop.
   """
-  aggregator, dp_choices = build_model_aggregator(dp)
+  aggregator = mechanism.aggregator()
+  if aggregator is not None:
+    aggregator = safe_updates.bounded(aggregator)
   client_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=opt.client_learning_rate)
   server_optimizer = tff.learning.optimizers.build_sgdm(
       learning_rate=opt.server_learning_rate,
       momentum=opt.server_momentum if opt.server_momentum > 0 else None)
-  process = tff.learning.algorithms.build_unweighted_fed_avg(
+  return tff.learning.algorithms.build_unweighted_fed_avg(
       model,
       client_optimizer_fn=client_optimizer,
       server_optimizer_fn=server_optimizer,
       model_aggregator=aggregator,
+      metrics_aggregator=None if release_client_metrics else release_no_client_metrics,
       loop_implementation=loop_implementation)
-  return process, dp_choices

@@ -6,11 +6,10 @@
       --rounds=100 --target_epsilon=2
 
 Prints how the number was obtained, then, as the last line, one JSON object
-(epsilon, delta, noise_multiplier, accountant, sampling, ...). An infinite
-epsilon is written as Python's JSON `Infinity`.
+(epsilon, delta, noise_multiplier, accountant, sampling, ...). The JSON is
+strict: an unbounded epsilon is null, with `epsilon_note` saying why.
 """
 
-import dataclasses
 import json
 import math
 
@@ -20,9 +19,11 @@ from tff_dpmed import cli
 from tff_dpmed.errors import UsageError
 from tff_dpmed.privacy import accounting
 from tff_dpmed.privacy import calibration
+from tff_dpmed.privacy import mechanisms
+from tff_dpmed.privacy.spec import Accountant, ClipMode, DPMode, DPSpec, Sampling, choices
 
 _DP_MODE = flags.DEFINE_enum(
-    "dp_mode", "central", accounting.DP_MODES,
+    "dp_mode", "central", choices(DPMode),
     "central: the server noises the sum of clipped updates; local: each client "
     "noises its own update; none: no privacy.")
 _NOISE_MULTIPLIER = flags.DEFINE_float(
@@ -41,14 +42,14 @@ _ROUNDS = flags.DEFINE_integer("rounds", None, "Number of training rounds. Requi
 _DELTA = flags.DEFINE_float(
     "delta", None, "delta of (epsilon, delta); default min(1e-5, 10^-(ceil(log10 N) + 1)).")
 _SAMPLING = flags.DEFINE_enum(
-    "sampling", "poisson", accounting.SAMPLINGS,
+    "sampling", "poisson", choices(Sampling),
     "poisson: each client joins with q = clients_per_round / num_clients; fixed: "
     "uniform cohorts of exactly clients_per_round; all: every client every round.")
 _ACCOUNTANT = flags.DEFINE_enum(
-    "accountant", "auto", accounting.ACCOUNTANTS,
+    "accountant", "auto", choices(Accountant),
     "rdp, pld, or auto (PLD when it supports the event, else RDP).")
 _CLIP_MODE = flags.DEFINE_enum(
-    "clip_mode", "adaptive", ("adaptive", "fixed"),
+    "clip_mode", "adaptive", choices(ClipMode),
     "As the trainer: adaptive (TFF gaussian_adaptive, central only) or fixed.")
 _CLIPPED_COUNT_STDDEV = flags.DEFINE_float(
     "clipped_count_stddev", None,
@@ -65,55 +66,45 @@ def _required(flag, example: str):
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise UsageError(f"unexpected arguments {argv[1:]}: pass everything as --flags")
-  dp_mode = _DP_MODE.value
   num_clients = _required(_NUM_CLIENTS, "3383")
-  rounds = _required(_ROUNDS, "100")
-  if rounds < 0:
-    raise UsageError(f"--rounds={rounds} is negative: pass a number of rounds >= 0")
+  rounds = accounting.check_rounds(_required(_ROUNDS, "100"))
   z, target = _NOISE_MULTIPLIER.value, _TARGET_EPSILON.value
-  if dp_mode == "none":
-    if z is not None or target is not None:
-      raise UsageError("--dp_mode=none adds no noise: drop --noise_multiplier and "
-                       "--target_epsilon, or use --dp_mode=central or --dp_mode=local")
-    z = 0.0
-  elif z is not None and target is not None:
+  mode = DPMode(_DP_MODE.value)
+  if mode is DPMode.NONE and (z is not None or target is not None):
+    raise UsageError("--dp_mode=none adds no noise: drop --noise_multiplier and "
+                     "--target_epsilon, or use --dp_mode=central or --dp_mode=local")
+  if z is not None and target is not None:
     raise UsageError("--noise_multiplier and --target_epsilon are mutually exclusive: "
                      "pass one (target_epsilon finds the noise multiplier)")
-  elif z is None and target is None:
+  if mode is not DPMode.NONE and z is None and target is None:
     raise UsageError("pass --noise_multiplier (to get epsilon) or --target_epsilon "
                      "(to get the noise multiplier)")
   if target is not None and rounds < 1:
     raise UsageError(f"--rounds={rounds}: calibrating noise needs at least 1 round")
 
-  sampling = _SAMPLING.value
+  sampling = Sampling(_SAMPLING.value)
   cohort = _CLIENTS_PER_ROUND.value
-  cohort_used = dp_mode == "central" and sampling != "all"
+  # The cohort size only changes epsilon where sampling amplifies.
+  cohort_used = mode is DPMode.CENTRAL and sampling is not Sampling.ALL
   if cohort is None:
     if cohort_used:
       _required(_CLIENTS_PER_ROUND, "120")
-    cohort = num_clients  # Does not affect epsilon here; see the output.
-  delta = _DELTA.value
-  delta_from_flag = delta is not None
-  if delta is None:
-    delta = accounting.default_delta(num_clients)
-  adaptive = dp_mode == "central" and _CLIP_MODE.value == "adaptive"
-  if dp_mode == "local" and _CLIP_MODE.value == "adaptive":
-    adaptive = True  # So that validate() names the conflict instead of ignoring it.
-
-  setting = accounting.PrivacySetting(
-      dp_mode=dp_mode, noise_multiplier=0.0 if z is None else z,
-      num_clients=num_clients, clients_per_round=cohort, sampling=sampling,
-      delta=delta, accountant=_ACCOUNTANT.value, adaptive_clipping=adaptive,
-      clipped_count_stddev=_CLIPPED_COUNT_STDDEV.value)
+    cohort = num_clients
+  spec = DPSpec(mode=mode, noise_multiplier=z, num_clients=num_clients,
+                clients_per_round=cohort, sampling=sampling, delta=_DELTA.value,
+                accountant=_ACCOUNTANT.value, clip_mode=_CLIP_MODE.value,
+                clipped_count_stddev=_CLIPPED_COUNT_STDDEV.value)
+  accounting.check_accountant(spec)
   if target is not None:
-    z = calibration.calibrate_noise_multiplier(setting, rounds, target)
-    setting = dataclasses.replace(setting, noise_multiplier=z)
-  setting.validate()
-  epsilon = accounting.epsilon_for_rounds(setting, rounds)
+    spec = calibration.calibrate(spec, rounds, target)
+  z = spec.noise_multiplier
+  mechanism = mechanisms.for_spec(spec)
+  epsilon = accounting.epsilon_for_rounds(spec, rounds)
+  delta = spec.delta
 
-  for line in accounting.explain(setting):
+  for line in accounting.explain(spec):
     print(line)
-  if delta_from_flag:
+  if _DELTA.value is not None:
     print(f"delta: {delta:g} (from --delta)")
   else:
     print(f"delta: {delta:g} (default for {num_clients} clients: min(1e-5, "
@@ -121,10 +112,10 @@ def main(argv: list[str]) -> None:
   if delta >= 1 / num_clients:
     print(f"note: delta={delta:g} >= 1/num_clients = {1 / num_clients:.3g}: such a delta "
           "allows publishing a whole client's data; use a smaller --delta")
-  if not cohort_used and _CLIENTS_PER_ROUND.value is not None and dp_mode != "none":
+  if not cohort_used and _CLIENTS_PER_ROUND.value is not None and mode is not DPMode.NONE:
     print("note: --clients_per_round does not change epsilon here "
-          f"({'local DP' if dp_mode == 'local' else 'sampling=all'})")
-  if dp_mode == "local":
+          f"({'local DP' if not mechanism.amplified_by_sampling else 'sampling=all'})")
+  if mechanism.tracks_participation():
     print(f"local DP worst case: a client in all {rounds} rounds, "
           f"{rounds} x Gaussian({z / 2:g}); never less than the true worst client")
   if target is not None:
@@ -133,28 +124,31 @@ def main(argv: list[str]) -> None:
   print(f"epsilon: {epsilon:.6g} at delta={delta:g} after {rounds} rounds"
         + (", i.e. no privacy" if math.isinf(epsilon) else ""))
 
+  private = mode is not DPMode.NONE
   result = {
-      "epsilon": epsilon,
+      # Strict JSON: no Infinity; an unbounded epsilon is null with the reason.
+      "epsilon": epsilon if math.isfinite(epsilon) else None,
       "delta": delta,
       "noise_multiplier": z,
-      "accountant": accounting.resolve_accountant(setting) if dp_mode != "none" else None,
-      "sampling": sampling,
-      "dp_mode": dp_mode,
+      "accountant": accounting.resolve_accountant(spec) if private else None,
+      "sampling": sampling.value,
+      "dp_mode": mode.value,
       "rounds": rounds,
       "num_clients": num_clients,
       "clients_per_round": cohort,
-      "privacy_unit": accounting.PRIVACY_UNIT,
-      "neighboring_relation": (accounting.neighboring_relation(setting).name.lower()
-                               if dp_mode != "none" else None),
-      "clip_mode": "adaptive" if adaptive else "fixed",
+      "privacy_unit": mechanism.privacy_unit,
+      "neighboring_relation": mechanism.neighboring_relation.name.lower() if private else None,
+      "clip_mode": "adaptive" if spec.adaptive else "fixed",
       "target_epsilon": target,
   }
-  if adaptive and dp_mode == "central":
-    z_v, s = accounting.adaptive_noise_split(setting)
+  if not math.isfinite(epsilon):
+    result["epsilon_note"] = "unbounded: no noise is added, so nothing is private"
+  if spec.adaptive:
+    z_v, s = mechanism.noise_split()
     result.update(value_noise_multiplier=z_v, clipped_count_stddev=s)
-  if dp_mode == "local":
+  if mechanism.tracks_participation():
     result["worst_case_participations"] = rounds
-  print(json.dumps(result))
+  print(json.dumps(result, allow_nan=False))
 
 
 def run() -> None:

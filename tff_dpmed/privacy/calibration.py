@@ -11,9 +11,7 @@ import dp_accounting
 
 from tff_dpmed.errors import UsageError
 from tff_dpmed.privacy import accounting
-
-# TFF's own default clipped-count stddev, per expected client.
-_TFF_CLIPPED_COUNT_STDDEV_PER_CLIENT = 0.05
+from tff_dpmed.privacy.spec import DPMode, DPSpec
 
 # Search range for z. Above 1e4 the updates are pure noise for any model.
 MAX_NOISE_MULTIPLIER = 1e4
@@ -26,33 +24,16 @@ TOLERANCE = 0.02
 _RELATIVE_Z_TOL = 1e-4
 
 
-def choose_clipped_count_stddev(noise_multiplier: float, clients_per_round: float) -> float:
-  """The clipped-count noise stddev s the trainer gives TFF's adaptive clipping.
-
-  TFF's default, s = 0.05 * clients_per_round, raises unless z < 2 s, i.e.
-  it needs more than 10 z clients per round (12+ for z = 1.1). Taking s >= z
-  always satisfies z < 2 s; at s = z the update noise is inflated to
-  z_v = z / sqrt(1 - 1/4) ~ 1.155 z (z^-2 = z_v^-2 + (2 s)^-2). Large cohorts
-  keep TFF's default, which inflates less. Whatever s is, the two releases
-  compose to exactly one Gaussian with multiplier z, so epsilon does not
-  depend on s.
-
-  Args:
-    noise_multiplier: The total effective multiplier z >= 0.
-    clients_per_round: The expected cohort size (> 0).
-
-  Returns:
-    max(0.05 * clients_per_round, z), or 0 when z == 0 (nothing is claimed,
-    so the count need not be noised; TFF does the same).
-  """
-  if noise_multiplier == 0:
-    return 0.0
-  return max(_TFF_CLIPPED_COUNT_STDDEV_PER_CLIENT * float(clients_per_round),
-             float(noise_multiplier))
+class TargetTooLoose(UsageError):
+  """The target is met with next to no noise: it (or delta) does not mean anything."""
 
 
-def calibrate_noise_multiplier(setting: accounting.PrivacySetting, rounds: int,
-                               target_epsilon: float) -> float:
+def calibrate(spec: DPSpec, rounds: int, target_epsilon: float) -> DPSpec:
+  """`spec` with the noise multiplier `calibrate_noise_multiplier` finds."""
+  return spec.with_noise(calibrate_noise_multiplier(spec, rounds, target_epsilon))
+
+
+def calibrate_noise_multiplier(setting: DPSpec, rounds: int, target_epsilon: float) -> float:
   """The smallest z whose epsilon after `rounds` rounds is at most the target.
 
   Everything but `setting.noise_multiplier` (ignored) is used as given:
@@ -74,16 +55,16 @@ def calibrate_noise_multiplier(setting: accounting.PrivacySetting, rounds: int,
   """
   target = _target(target_epsilon)
   rounds = _positive_rounds(rounds)
-  if setting.dp_mode == "none":
+  accounting.check_accountant(setting)
+  if setting.mode is DPMode.NONE:
     raise UsageError("--dp_mode=none adds no noise, so there is nothing to calibrate: "
                      "drop --target_epsilon or use --dp_mode=central or --dp_mode=local")
   z_max = MAX_NOISE_MULTIPLIER
-  fixed_s = setting.adaptive_clipping and setting.clipped_count_stddev is not None
+  fixed_s = setting.adaptive and setting.clipped_count_stddev is not None
   if fixed_s:
     # A user-set clipped-count stddev s only allows z < 2 s (TFF raises otherwise).
     z_max = min(z_max, 2 * float(setting.clipped_count_stddev) * (1 - 1e-9))
-  with_z = lambda z: dataclasses.replace(setting, noise_multiplier=float(z))
-  with_z(1.0 if not fixed_s else z_max / 2).validate()
+  with_z = setting.with_noise
   kind = accounting.resolve_accountant(with_z(1.0 if not fixed_s else z_max / 2))
   epsilon = lambda z: accounting.epsilon_for_rounds(with_z(z), rounds)
 
@@ -103,6 +84,8 @@ def calibrate_noise_multiplier(setting: accounting.PrivacySetting, rounds: int,
     try:
       guess = calibrate_noise_multiplier(
           dataclasses.replace(setting, accountant="rdp"), rounds, target)
+    except TargetTooLoose:
+      raise  # PLD is tighter than RDP: met at the smallest z by RDP, met by PLD too.
     except UsageError:
       guess = z_max  # RDP is looser: PLD may still reach a target RDP cannot.
   lo, hi = _bracket(epsilon, target, guess, z_max)
@@ -112,7 +95,7 @@ def calibrate_noise_multiplier(setting: accounting.PrivacySetting, rounds: int,
   def make_event(z: float) -> dp_accounting.DpEvent:
     state["setting"] = with_z(z)
     return dp_accounting.SelfComposedDpEvent(
-        accounting.round_event(state["setting"], kind), rounds)
+        accounting.accounted_event(state["setting"], kind), rounds)
 
   def make_fresh_accountant() -> dp_accounting.PrivacyAccountant:
     # dp_accounting calls make_event(z) right before this, so the accountant
@@ -146,7 +129,7 @@ def _bracket(epsilon, target: float, guess: float, z_max: float):
     lo = guess / 1.25
     while epsilon(lo) <= target:
       if lo <= MIN_NOISE_MULTIPLIER:
-        raise UsageError(
+        raise TargetTooLoose(
             f"target epsilon {target:g} is met even with noise_multiplier="
             f"{MIN_NOISE_MULTIPLIER:g}: the target (or --delta) is too loose to mean "
             "anything; lower --target_epsilon or --delta, or pass --noise_multiplier")
@@ -173,4 +156,4 @@ def _positive_rounds(rounds) -> int:
     raise UsageError(f"--rounds={rounds!r} is not an integer: pass a whole number >= 1")
   if rounds < 1:
     raise UsageError(f"--rounds={rounds} must be at least 1 to calibrate noise for it")
-  return int(rounds)
+  return accounting.check_rounds(int(rounds))

@@ -34,7 +34,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_dpmed.errors import UsageError
-from tff_dpmed.privacy.dp_config import DPConfig
+from tff_dpmed.privacy import safe_updates
 
 _SEED_DTYPE = np.int64
 
@@ -91,8 +91,13 @@ class LocalGaussianFactory(tff.aggregators.UnweightedAggregationFactory):
     Raises:
       UsageError: If `clip`, `noise_multiplier` or `seed` is invalid.
     """
-    DPConfig(mode="local", clip_mode="fixed", clip=clip,
-             noise_multiplier=noise_multiplier, seed=seed).validate()
+    # Validated here too: tests and benchmarks build the factory without a spec.
+    if not (isinstance(clip, (int, float)) and 0 < clip < float("inf")):
+      raise UsageError(f"--clip={clip!r} must be a positive finite number: e.g. 0.1")
+    if not (isinstance(noise_multiplier, (int, float)) and 0 <= noise_multiplier < float("inf")):
+      raise UsageError(f"--noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
+    if seed is not None and not (isinstance(seed, int) and -2**63 <= seed < 2**63):
+      raise UsageError(f"--seed={seed!r} is not a 64-bit integer: pass one or omit --seed")
     self._clip = float(clip)
     self._noise_multiplier = float(noise_multiplier)
     self._seed = None if seed is None else int(seed)
@@ -126,7 +131,7 @@ class LocalGaussianFactory(tff.aggregators.UnweightedAggregationFactory):
     def clip_and_noise(value, seed):
       """Clips `value` to global L2 norm <= clip and adds noise seeded by `seed`."""
       flat = tf.nest.flatten(value)
-      clipped, _ = tf.clip_by_global_norm(flat, clip)
+      clipped = safe_updates.safe_clip(flat, clip)
       if stddev > 0:
         # One independent stateless stream per tensor of the structure.
         seeds = tf.random.experimental.stateless_split(seed, num=len(flat))
@@ -209,34 +214,3 @@ class LocalGaussianFactory(tff.aggregators.UnweightedAggregationFactory):
           state=new_state, result=mean_output.result, measurements=measurements)
 
     return tff.templates.AggregationProcess(init_fn, next_fn)
-
-
-def build_local_dp_factory(cfg: DPConfig) -> tuple[LocalGaussianFactory, dict]:
-  """The local-DP factory for `cfg` (mode 'local', fixed clipping) and its choices.
-
-  Raises:
-    UsageError: If `cfg` is invalid or not local.
-  """
-  cfg.validate()
-  if cfg.mode != "local":
-    raise UsageError(
-        f"build_local_dp_factory needs --dp_mode=local, got {cfg.mode!r}: "
-        "use aggregators.build_model_aggregator to dispatch on the mode")
-  factory = LocalGaussianFactory(clip=cfg.clip, noise_multiplier=cfg.noise_multiplier,
-                                 seed=cfg.seed)
-  z, clip = float(cfg.noise_multiplier), float(cfg.clip)
-  choices = {
-      "dp_mode": "local",
-      "clip_mode": "fixed",
-      "clip": clip,
-      "noise_multiplier": z,
-      "noise_stddev_per_client": z * clip,
-      "seeded": cfg.seed is not None,
-      "why": (f"each client clips its whole update to L2 norm {clip:g} and adds "
-              f"N(0, ({z:g} * {clip:g})^2) per coordinate before sending; the server "
-              "only averages, so the mean of n clients has noise stddev "
-              f"{z * clip:g} / sqrt(n)"
-              + ("; SEEDED: reproducible and not private, debugging only"
-                 if cfg.seed is not None else "")),
-  }
-  return factory, choices

@@ -8,29 +8,8 @@ import numpy as np
 from tff_dpmed import models
 from tff_dpmed.data.types import DatasetInfo
 from tff_dpmed.errors import UsageError
-from tff_dpmed.program.config import RunConfig
 
-# Changing these between a run and its resume would make the resumed state or
-# its privacy accounting meaningless.
-_RESUME_KEYS = ("dataset", "image_size", "num_clients", "partition", "dirichlet_alpha", "model",
-                "clients_per_round", "sampling", "client_epochs", "client_batch_size",
-                "dp_mode", "noise_multiplier", "clip_mode", "clip", "delta", "accountant",
-                "seed", "clipped_count_stddev", "client_learning_rate", "server_learning_rate",
-                "server_momentum", "target_unclipped_quantile", "adaptive_clip_learning_rate")
 FINAL_WEIGHTS = "final_weights.npz"
-
-
-def check_resume_compatible(run_dir: str, cfg: RunConfig) -> None:
-  path = os.path.join(run_dir, "config.json")
-  if cfg.restart or not os.path.exists(path):
-    return
-  with open(path) as f:
-    old = json.load(f)["config"]
-  changed = [k for k in _RESUME_KEYS if old.get(k) != getattr(cfg, k)]
-  if changed:
-    raise UsageError(
-        f"{run_dir} holds a run with different {', '.join(changed)}: rerun with the same "
-        "flags to resume, pass --restart to discard it, or use another --experiment_name")
 
 
 def save_final_weights(run_dir: str, keras_model) -> None:
@@ -38,6 +17,13 @@ def save_final_weights(run_dir: str, keras_model) -> None:
   tmp = path + ".tmp.npz"
   np.savez(tmp, *keras_model.get_weights())
   os.replace(tmp, path)
+
+
+def exported_config(config: dict) -> dict:
+  """The training config as exported: a DP model's seed would reveal its cohorts and noise."""
+  if config.get("dp_mode", "none") == "none":
+    return dict(config)
+  return {k: v for k, v in config.items() if k != "seed"}
 
 
 def load_final_weights(run_dir: str) -> list:
@@ -48,7 +34,7 @@ def load_final_weights(run_dir: str) -> list:
 def export_final_model(run_dir: str, keras_model, info: DatasetInfo, summary: dict) -> str:
   """Exports a new SavedModel version in TF Serving's layout; returns its path."""
   from tff_dpmed.serving import export as export_lib  # Keeps TF Serving code off the import path.
-  config = summary["config"]
+  config = exported_config(summary["config"])
   metadata = {"model_name": config["model"], "dataset": info.to_json(),
               "privacy": summary["privacy"], "training_config": config,
               "test_accuracy": summary["test_accuracy"], "test_auc": summary["test_auc"]}
@@ -69,6 +55,6 @@ def load_trained_model(run_dir: str):
   keras_model = models.build_model(summary["config"]["model"], info)
   keras_model.set_weights(load_final_weights(run_dir))
   metadata = {"model_name": summary["config"]["model"], "dataset": info.to_json(),
-              "privacy": summary["privacy"], "training_config": summary["config"],
+              "privacy": summary["privacy"], "training_config": exported_config(summary["config"]),
               "test_accuracy": summary["test_accuracy"], "test_auc": summary["test_auc"]}
   return keras_model, info, metadata

@@ -1,19 +1,33 @@
-"""The complete, validated configuration of one training run."""
+"""The complete configuration of one training run, validated once at construction.
+
+Privacy lives in one `DPSpec` (`privacy/spec.py`); `RunConfig` adds data,
+model, optimisation and program settings. On disk (config.json,
+summary.json, exported metadata) a config is one flat JSON object under the
+flag names, as it always was: `to_json` flattens the spec and `from_json`
+rebuilds it.
+"""
 
 import dataclasses
-import json
+import enum
 import math
 import os
-from typing import Optional
+import re
+from typing import Any, Optional
 
 from tff_dpmed.errors import UsageError
+from tff_dpmed.privacy.spec import FLOAT32_MAX, DPMode, DPSpec
 
-DP_MODES = ("central", "local", "none")
-CLIP_MODES = ("adaptive", "fixed")
-SAMPLINGS = ("poisson", "fixed", "all")
 PARTITIONS = ("iid", "dirichlet")
-ACCOUNTANTS = ("auto", "rdp", "pld")
 EXECUTORS = ("local", "remote")
+IMAGE_SIZES = (28, 64, 128, 224)
+# A run folder is one path component under --output_dir: no separators, no
+# '..', nothing hidden, so a run never writes outside --output_dir.
+_EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}")
+_SEED_BOUND = 2**63
+
+
+def _default_dp() -> DPSpec:
+  return DPSpec(mode=DPMode.CENTRAL, num_clients=100, clients_per_round=20)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,31 +37,20 @@ class RunConfig:
   image_size: int = 28
   data_dir: Optional[str] = None
   download: bool = True
-  num_clients: int = 100
   partition: str = "iid"
   dirichlet_alpha: float = 0.5
+  # Privacy, clients and sampling; noise_multiplier None = calibrate to target_epsilon.
+  dp: DPSpec = dataclasses.field(default_factory=_default_dp)
+  target_epsilon: Optional[float] = None
+  max_epsilon: Optional[float] = None
   # Model and optimisation.
   model: str = "cnn"
   rounds: int = 60
-  clients_per_round: int = 20
-  sampling: str = "poisson"
   client_epochs: int = 1
   client_batch_size: int = 16
   client_learning_rate: float = 0.05
   server_learning_rate: float = 1.0
   server_momentum: float = 0.9
-  # Privacy.
-  dp_mode: str = "central"
-  noise_multiplier: Optional[float] = None
-  target_epsilon: Optional[float] = None
-  max_epsilon: Optional[float] = None
-  delta: Optional[float] = None
-  accountant: str = "auto"
-  clip_mode: str = "adaptive"
-  clip: float = 0.1
-  target_unclipped_quantile: float = 0.5
-  adaptive_clip_learning_rate: float = 0.2
-  clipped_count_stddev: Optional[float] = None
   # Program.
   rounds_per_eval: int = 5
   rounds_per_checkpoint: int = 5
@@ -56,11 +59,26 @@ class RunConfig:
   seed: Optional[int] = None
   restart: bool = False
   audit: bool = False
+  # Per-round train loss/accuracy, cohort size and round time in DP modes:
+  # outside every DP mechanism, so off unless asked for (debugging only).
+  debug_metrics: bool = False
   max_concurrent_computation_calls: int = -1
   # Runtime: a worker of our own (local), or workers at `workers` (remote).
   executor: str = "local"
   workers: Optional[str] = None        # "host:port,host:port", as given to --workers
   worker_binary: Optional[str] = None  # local only; None = the one shipped with TFF
+
+  def __post_init__(self):
+    self._validate()
+
+  # The data and program layers need the cohort settings, which the spec owns.
+  @property
+  def num_clients(self) -> int:
+    return self.dp.num_clients
+
+  @property
+  def clients_per_round(self) -> int:
+    return self.dp.clients_per_round
 
   @property
   def run_dir(self) -> str:
@@ -71,63 +89,74 @@ class RunConfig:
     return [a.strip() for a in (self.workers or "").split(",")]
 
   def to_json(self) -> dict:
-    return dataclasses.asdict(self)
+    """One flat object under the flag names (the spec's fields inlined)."""
+    out = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, DPSpec):
+        spec = value.to_json()
+        spec.pop("noise_seed")  # The run's --seed, already below.
+        out.update(spec)
+      else:
+        out[f.name] = value
+    return out
 
   @classmethod
-  def from_json(cls, d: dict) -> "RunConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in known})
+  def from_json(cls, flat: dict) -> "RunConfig":
+    """A config from flat flag-named fields (as `to_json` writes); unknown keys ignored."""
+    flat = dict(flat)
+    spec_names = {f.name for f in dataclasses.fields(DPSpec)} | {"dp_mode"}
+    spec_fields = {k: flat.pop(k) for k in list(flat) if k in spec_names}
+    names = {f.name for f in dataclasses.fields(cls)} - {"dp"}
+    run_fields = {k: v for k, v in flat.items() if k in names}
+    defaults = _default_dp().to_json()
+    mode = DPMode(spec_fields.get("dp_mode", defaults["dp_mode"]))
+    spec_fields["noise_seed"] = run_fields.get("seed") if mode is DPMode.LOCAL else None
+    return cls(dp=DPSpec.from_json({**defaults, **spec_fields}), **run_fields)
 
-  def validate(self) -> None:
+  def replace(self, **changes) -> "RunConfig":
+    """A copy with flat, flag-named fields changed (spec fields included)."""
+    return RunConfig.from_json({**self.to_json(), **changes})
+
+  def _validate(self) -> None:
     """Checks everything that can be checked without reading data."""
-    _one_of("dp_mode", self.dp_mode, DP_MODES)
-    _one_of("clip_mode", self.clip_mode, CLIP_MODES)
-    _one_of("sampling", self.sampling, SAMPLINGS)
     _one_of("partition", self.partition, PARTITIONS)
-    _one_of("accountant", self.accountant, ACCOUNTANTS)
     self._validate_runtime()
-    if self.image_size not in (28, 64, 128, 224):
+    if self.image_size not in IMAGE_SIZES:
       raise UsageError(f"--image_size={self.image_size} is not supported: use 28, 64, 128 or 224")
-    _positive_int("rounds", self.rounds)
-    _positive_int("num_clients", self.num_clients)
-    _positive_int("client_epochs", self.client_epochs)
-    _positive_int("client_batch_size", self.client_batch_size)
-    _positive_int("rounds_per_eval", self.rounds_per_eval)
-    _positive_int("rounds_per_checkpoint", self.rounds_per_checkpoint)
-    if self.clients_per_round < 1 or self.clients_per_round > self.num_clients:
-      raise UsageError(
-          f"--clients_per_round={self.clients_per_round} must be between 1 and "
-          f"--num_clients={self.num_clients}")
+    for name in ("rounds", "client_epochs", "client_batch_size", "rounds_per_eval",
+                 "rounds_per_checkpoint"):
+      _positive_int(name, getattr(self, name))
     for name in ("client_learning_rate", "server_learning_rate"):
       _positive_finite(name, getattr(self, name))
     if not (math.isfinite(self.server_momentum) and 0 <= self.server_momentum < 1):
       raise UsageError(f"--server_momentum={self.server_momentum} must be in [0, 1)")
     if self.partition == "dirichlet":
       _positive_finite("dirichlet_alpha", self.dirichlet_alpha)
-    if self.delta is not None and not (0 < self.delta < 1):
-      raise UsageError(f"--delta={self.delta} must be in (0, 1): e.g. --delta=1e-5")
-    if self.dp_mode == "none":
-      for name in ("noise_multiplier", "target_epsilon", "max_epsilon"):
+    if self.seed is not None and not (isinstance(self.seed, int)
+                                      and -_SEED_BOUND <= self.seed < _SEED_BOUND):
+      raise UsageError(f"--seed={self.seed} is not a 64-bit integer: pass one in "
+                       "[-2^63, 2^63) or omit --seed")
+    if not _EXPERIMENT_NAME.fullmatch(self.experiment_name or ""):
+      raise UsageError(f"--experiment_name={self.experiment_name!r} must be one folder name "
+                       "(letters, digits, '_', '-', '.', '=', '+'; no '/' or '..', at most 128 "
+                       "characters): it is created under --output_dir")
+    if self.dp.reproducible_sampling and self.seed is None:
+      raise UsageError("--insecure_reproducible_sampling needs --seed (it seeds client "
+                       "sampling with it): add --seed or drop the flag")
+    if self.dp.mode is DPMode.NONE:
+      for name in ("target_epsilon", "max_epsilon"):
         if getattr(self, name) is not None:
           raise UsageError(f"--{name} has no meaning with --dp_mode=none: drop it or pick a DP mode")
       return
-    if self.noise_multiplier is not None and self.target_epsilon is not None:
+    if self.dp.noise_multiplier is not None and self.target_epsilon is not None:
       raise UsageError("--noise_multiplier and --target_epsilon are alternatives: give only one")
-    if self.noise_multiplier is None and self.target_epsilon is None:
-      raise UsageError(f"--dp_mode={self.dp_mode} needs --noise_multiplier or --target_epsilon")
-    if self.noise_multiplier is not None and not (
-        math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-      raise UsageError(f"--noise_multiplier={self.noise_multiplier} must be a finite number >= 0")
+    if self.dp.noise_multiplier is None and self.target_epsilon is None:
+      raise UsageError(f"--dp_mode={self.dp.mode.value} needs --noise_multiplier or "
+                       "--target_epsilon")
     for name in ("target_epsilon", "max_epsilon"):
       if getattr(self, name) is not None:
         _positive_finite(name, getattr(self, name))
-    _positive_finite("clip", self.clip)
-    if not 0 < self.target_unclipped_quantile < 1:
-      raise UsageError(f"--target_unclipped_quantile={self.target_unclipped_quantile} must be in (0, 1)")
-    if self.dp_mode == "local" and self.clip_mode == "adaptive":
-      raise UsageError(
-          "--clip_mode=adaptive is not supported with --dp_mode=local (its clipped-count "
-          "query would need its own local randomiser and accounting): use --clip_mode=fixed")
 
   def _validate_runtime(self) -> None:
     _one_of("executor", self.executor, EXECUTORS)
@@ -153,6 +182,13 @@ class RunConfig:
       raise UsageError(f"--workers={self.workers} names a worker twice: list each once")
 
 
+def default(name: str) -> Any:
+  """The default of a flat, flag-named config field (for flag definitions)."""
+  run_defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.name != "dp"}
+  value = {**_default_dp().to_json(), **run_defaults}[name]
+  return value.value if isinstance(value, enum.Enum) else value
+
+
 def _check_address(address: str) -> None:
   host, sep, port = address.rpartition(":")
   if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
@@ -166,33 +202,11 @@ def _one_of(name, value, allowed):
 
 
 def _positive_int(name, value):
-  if not isinstance(value, int) or value < 1:
-    raise UsageError(f"--{name}={value} must be a whole number >= 1")
-
-
-_FLOAT32_MAX = 3.4028234663852886e38
+  if not isinstance(value, int) or not 1 <= value <= 10**9:
+    raise UsageError(f"--{name}={value} must be a whole number between 1 and 10^9")
 
 
 def _positive_finite(name, value):
   # float32 bound too: TFF keeps hyperparameters in float32 state, where 1e300 is inf.
-  if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < _FLOAT32_MAX):
+  if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < FLOAT32_MAX):
     raise UsageError(f"--{name}={value} must be a finite number > 0")
-
-
-def write_json_atomic(path: str, obj) -> None:
-  """Writes JSON so a reader (or a crash) never sees a half-written file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _json_default(o):
-  if hasattr(o, "item"):
-    return o.item()
-  if hasattr(o, "tolist"):
-    return o.tolist()
-  raise TypeError(f"not JSON serialisable: {type(o)}")

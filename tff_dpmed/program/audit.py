@@ -44,9 +44,12 @@ from tensorflow_privacy.privacy.privacy_tests.membership_inference_attack import
 from tensorflow_privacy.privacy.privacy_tests.membership_inference_attack import (
     membership_inference_attack as mia)
 
+from tff_dpmed.data import registry
 from tff_dpmed.data.client_data import preprocess_images
 from tff_dpmed.data.types import DatasetInfo
 from tff_dpmed.errors import UsageError
+from tff_dpmed.files import write_json_atomic
+from tff_dpmed.program import artifacts
 
 AttackType = mia_data.AttackType
 DEFAULT_ATTACKS = ("THRESHOLD_ATTACK", "THRESHOLD_ENTROPY_ATTACK", "LOGISTIC_REGRESSION")
@@ -269,10 +272,8 @@ def audit_run(run_dir: str, splits=None, *, max_examples: int = 2000, seed: int 
   if nonmember_split not in NONMEMBER_SPLITS:
     raise UsageError(f"nonmember_split={nonmember_split!r}: use one of "
                      f"{', '.join(NONMEMBER_SPLITS)}")
-  from tff_dpmed.program import artifacts  # Not at import: keeps this module light.
   keras_model, info, metadata = artifacts.load_trained_model(run_dir)
   if splits is None:
-    from tff_dpmed.data import registry  # pylint: disable=g-import-not-at-top
     config = metadata["training_config"]
     splits = registry.load_dataset(config["dataset"], image_size=config["image_size"],
                                    data_dir=config["data_dir"], download=False,
@@ -290,7 +291,6 @@ def audit_run(run_dir: str, splits=None, *, max_examples: int = 2000, seed: int 
   result["run_dir"] = run_dir
   result["privacy"] = metadata["privacy"]
   if write:
-    from tff_dpmed.program.config import write_json_atomic  # pylint: disable=g-import-not-at-top
     write_json_atomic(os.path.join(run_dir, AUDIT_FILE), result)
   return result
 

@@ -1,0 +1,339 @@
+"""One class per DP placement; each is the single source of its own DP event.
+
+After TF Privacy's `DPQuery` (the query that adds the noise reports the
+`DpEvent` of what it released) and Flower's one wrapper per DP placement:
+
+    mechanism = mechanisms.for_spec(spec)
+    mechanism.aggregator()       # the TFF aggregation factory that does it
+    mechanism.release_event()    # what one release is, for the accountant
+    mechanism.describe()         # what is protected, and how, in words
+
+The program adds only the client sampling around `release_event()`
+(`events.sampled_event`); the ledger composes it. A new mechanism is one new
+subclass registered in `_BY_MODE`, its flag value in `spec.DPMode`, and its
+tests.
+
+This module stays free of TensorFlow: `aggregator()` imports the TFF
+factory modules when it is called, so the privacy calculator, which never
+builds an aggregator, starts quickly.
+"""
+
+import abc
+import math
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+
+import dp_accounting
+
+from tff_dpmed.errors import UsageError
+from tff_dpmed.privacy import events
+from tff_dpmed.privacy.spec import DPMode, DPSpec, Sampling
+
+# Relative tolerance when comparing our noise multipliers with the ones TFF
+# records: TF Privacy computes them as float32 stddev / clip.
+_EVENT_RTOL = 1e-5
+
+
+class Mechanism(abc.ABC):
+  """A DP placement: how updates are clipped and noised, and what that releases."""
+
+  mode: ClassVar[DPMode]
+  privacy_unit: ClassVar[str] = "client"
+  # Whether an observer sees only the aggregate of a sampled cohort, so that
+  # sampling amplifies privacy (False: each release is seen on its own).
+  amplified_by_sampling: ClassVar[bool] = True
+
+  def __init__(self, spec: DPSpec):
+    if spec.mode is not self.mode:
+      raise ValueError(f"{type(self).__name__} needs dp_mode={self.mode.value}, "
+                       f"got {spec.mode.value}")
+    if spec.noise_multiplier is None:
+      raise ValueError("the spec's noise multiplier is not calibrated yet "
+                       "(calibration.calibrate)")
+    self.spec = spec
+
+  @property
+  def is_private(self) -> bool:
+    return self.spec.mode is not DPMode.NONE and self.spec.noise_multiplier > 0
+
+  @abc.abstractmethod
+  def release_event(self) -> dp_accounting.DpEvent:
+    """One release (one round's aggregate, or one client's update), unsampled.
+
+    Gaussian multipliers are stddev / C, as TF Privacy reports them.
+    """
+
+  @property
+  def amplified(self) -> bool:
+    """Whether this run's sampling amplifies (not when the cohorts are predictable)."""
+    return self.amplified_by_sampling and not self.spec.reproducible_sampling
+
+  def accounted_event(self, single_gaussian: bool = False) -> dp_accounting.DpEvent:
+    """`release_event()` under the program's sampling: one accounting step."""
+    s = self.spec
+    return events.sampled_event(self.release_event(), s.sampling, s.num_clients,
+                                s.clients_per_round, self.amplified_by_sampling,
+                                amplify=self.amplified, single_gaussian=single_gaussian)
+
+  @property
+  def neighboring_relation(self) -> events.NeighboringRelation:
+    return events.neighboring_relation(self.spec.sampling, self.amplified_by_sampling)
+
+  def compositions(self, rounds: int, max_participation: int) -> int:
+    """How many accounting steps `rounds` rounds are for the worst-off unit."""
+    del max_participation
+    return rounds
+
+  def tracks_participation(self) -> bool:
+    """Whether the ledger must count each client's rounds (see `compositions`)."""
+    return False
+
+  def check_cohort(self, cohort_size: int) -> None:
+    """Raises ValueError if a round's cohort contradicts the accounted sampling."""
+    s = self.spec
+    expected = {Sampling.FIXED: s.clients_per_round,
+                Sampling.ALL: s.num_clients}.get(s.sampling)
+    if expected is not None and cohort_size != expected:
+      raise ValueError(f"sampling={s.sampling.value} accounts for exactly {expected} "
+                       f"clients per round, but {cohort_size} took part")
+
+  @abc.abstractmethod
+  def aggregator(self):
+    """The TFF `UnweightedAggregationFactory`, or None for TFF's default mean."""
+
+  def noise_choices(self) -> dict[str, Any]:
+    """What was derived for the aggregator, flat, for the run's log."""
+    return {}
+
+  def clip_norm(self, aggregator_metrics: Mapping[str, Any]) -> Optional[float]:
+    """The clip norm a round used, from the aggregator's metrics."""
+    del aggregator_metrics
+    return self.spec.clip
+
+  def verify_recorded_event(self, aggregator_state) -> None:
+    """Raises RuntimeError if TFF's aggregator recorded another event than ours."""
+    del aggregator_state
+
+  @abc.abstractmethod
+  def describe(self) -> list[str]:
+    """What is protected and how, one line each."""
+
+
+class NoDP(Mechanism):
+  """No clipping, no noise: the non-private baseline."""
+
+  mode = DPMode.NONE
+
+  def release_event(self) -> dp_accounting.DpEvent:
+    return dp_accounting.NonPrivateDpEvent()
+
+  def aggregator(self):
+    return None
+
+  def clip_norm(self, aggregator_metrics):
+    del aggregator_metrics
+    return None
+
+  def describe(self) -> list[str]:
+    return ["dp_mode=none: no clipping or noise, epsilon = inf"]
+
+
+class CentralGaussian(Mechanism):
+  """The server clips each update to C and adds N(0, (zC)^2) once to the sum.
+
+  Fixed clipping releases G(z) per round. Adaptive clipping (TFF's
+  `gaussian_adaptive`, Andrew et al. 2021) releases the noised sum with the
+  update multiplier z_v and a noised count of unclipped clients (TF Privacy's
+  `QuantileEstimatorQuery`: records +-0.5, stddev s, i.e. multiplier 2s); TF
+  Privacy's `QuantileAdaptiveClipSumQuery` reports
+  ComposedDpEvent([G(z_v), G(2s)]), and z^-2 = z_v^-2 + (2s)^-2.
+  """
+
+  mode = DPMode.CENTRAL
+
+  def noise_split(self) -> tuple[float, float]:
+    """(z_v, s): the update multiplier and the clipped-count stddev (adaptive).
+
+    TFF's `adaptive_clip_noise_params` rule, restated because importing TFF
+    would cost the calculator seconds; a test pins the two to each other.
+    """
+    z, s = self.spec.noise_multiplier, self.spec.count_stddev
+    if z == 0:
+      return 0.0, s
+    return (z**-2 - (2 * s)**-2)**-0.5, s
+
+  def release_event(self) -> dp_accounting.DpEvent:
+    if not self.spec.adaptive:
+      return dp_accounting.GaussianDpEvent(self.spec.noise_multiplier)
+    z_v, s = self.noise_split()
+    # The order and structure of TF Privacy's QuantileAdaptiveClipSumQuery.
+    return dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(float(z_v)),
+                                          dp_accounting.GaussianDpEvent(float(2 * s))])
+
+  def aggregator(self):
+    from tff_dpmed.privacy import central_dp  # TFF: only when a process is built.
+    return central_dp.build_factory(self)
+
+  def noise_choices(self) -> dict[str, Any]:
+    s = self.spec
+    z, n = s.noise_multiplier, float(s.clients_per_round)
+    choices = {"dp_mode": "central", "clip_mode": s.clip_mode.value, "noise_multiplier": z,
+               "clients_per_round": n, "noise_seeded": False}
+    if not s.adaptive:
+      choices.update(clip=s.clip, value_noise_multiplier=z, noise_stddev_of_sum=z * s.clip,
+                     noise_stddev_of_mean=z * s.clip / n,
+                     why=(f"fixed clip {s.clip:g}: the server adds N(0, ({z:g} * {s.clip:g})^2) "
+                          f"to each coordinate of the sum and divides by {n:g} expected clients"))
+      return choices
+    value_z, stddev = self.noise_split()
+    inflation = value_z / z if z > 0 else 1.0
+    why = (f"z = {z:g} is the total effective multiplier; the update noise is inflated by "
+           f"{inflation:.4f}x to z_v = {value_z:.4g} to pay for the private clipped count "
+           f"(stddev {stddev:g}, {s.count_stddev_source}), since z^-2 = z_v^-2 + "
+           "(2 * stddev)^-2" if z > 0 else
+           "z = 0: adaptive clipping without noise, so no privacy guarantee; "
+           f"clipped-count stddev {stddev:g}")
+    choices.update(initial_clip=s.clip, target_unclipped_quantile=s.target_unclipped_quantile,
+                   adaptive_clip_learning_rate=s.adaptive_clip_learning_rate,
+                   clipped_count_stddev=stddev, clipped_count_stddev_source=s.count_stddev_source,
+                   value_noise_multiplier=value_z, value_noise_inflation=inflation, why=why)
+    return choices
+
+  def clip_norm(self, aggregator_metrics):
+    found = _find_key(aggregator_metrics, "clip")
+    return float(found) if found is not None else self.spec.clip
+
+  def verify_recorded_event(self, aggregator_state) -> None:
+    from tensorflow_federated.python.aggregators import differential_privacy  # TFF-only path.
+    self.check_event(differential_privacy.extract_dp_event_from_state(aggregator_state))
+
+  def check_event(self, theirs: dp_accounting.DpEvent) -> None:
+    """Raises RuntimeError unless `theirs` (as TFF recorded it) is our release event."""
+    ours = self.release_event()
+    problems: list[str] = []
+    _compare_events(ours, theirs, "event", problems)
+    if problems:
+      raise RuntimeError(
+          "the DP event TFF's aggregator recorded is not the one the privacy accounting "
+          f"assumes ({'; '.join(problems)}); accounted: {ours}, TFF: {theirs}")
+
+  def describe(self) -> list[str]:
+    s = self.spec
+    z, n, m = s.noise_multiplier, s.num_clients, s.clients_per_round
+    lines = [f"sampling: Poisson, each client joins a round with q = {m}/{n} = {m / n:.6g}"
+             if s.sampling is Sampling.POISSON else
+             f"sampling: fixed-size cohorts of {m} of {n} clients, without replacement"
+             if s.sampling is Sampling.FIXED else
+             f"sampling: all {n} clients every round (no amplification)"]
+    if self.neighboring_relation is events.NeighboringRelation.REPLACE_ONE:
+      lines.append("neighbouring relation: replace one client (needed for fixed-size "
+                   "sampling); the clipped sum moves by up to 2C, so the Gaussian is "
+                   f"G(z/2) = G({z / 2:g})")
+    else:
+      lines.append("neighbouring relation: add/remove one client; the clipped sum moves by "
+                   f"up to C, so the Gaussian is G(z) = G({z:g})")
+    if s.adaptive:
+      z_v, stddev = self.noise_split()
+      lines.append(f"adaptive clipping: update noise z_v = {z_v:.6g} and clipped-count "
+                   f"stddev {stddev:g} (multiplier {2 * stddev:g}) compose to exactly "
+                   f"z = {z:g}")
+    return lines
+
+
+class LocalGaussian(Mechanism):
+  """Each client clips to C and adds N(0, (zC)^2) before its update leaves it.
+
+  The server sees every noised update, so sampling does not amplify: one
+  release is G(z/2) under replace-one (sensitivity 2C), and a client that
+  took part in k rounds has k of them. The ledger reports the worst client.
+  """
+
+  mode = DPMode.LOCAL
+  amplified_by_sampling = False
+
+  def release_event(self) -> dp_accounting.DpEvent:
+    return dp_accounting.GaussianDpEvent(self.spec.noise_multiplier)
+
+  def compositions(self, rounds: int, max_participation: int) -> int:
+    del rounds
+    return max_participation
+
+  def tracks_participation(self) -> bool:
+    return True
+
+  def check_cohort(self, cohort_size: int) -> None:
+    del cohort_size  # Not amplified by sampling: any cohort is accounted the same.
+
+  def aggregator(self):
+    from tff_dpmed.privacy import local_dp  # TFF: only when a process is built.
+    s = self.spec
+    return local_dp.LocalGaussianFactory(clip=s.clip, noise_multiplier=s.noise_multiplier,
+                                         seed=s.noise_seed)
+
+  def noise_choices(self) -> dict[str, Any]:
+    s = self.spec
+    z, clip, seeded = s.noise_multiplier, s.clip, s.noise_seed is not None
+    return {"dp_mode": "local", "clip_mode": "fixed", "clip": clip, "noise_multiplier": z,
+            "noise_stddev_per_client": z * clip, "seeded": seeded,
+            "why": (f"each client clips its whole update to L2 norm {clip:g} and adds "
+                    f"N(0, ({z:g} * {clip:g})^2) per coordinate before sending; the server "
+                    f"only averages, so the mean of n clients has noise stddev {z * clip:g} "
+                    "/ sqrt(n)" + ("; SEEDED: reproducible and not private, debugging only"
+                                   if seeded else ""))}
+
+  def describe(self) -> list[str]:
+    z = self.spec.noise_multiplier
+    return ["local DP: each client noises its own update, so sampling does not amplify; "
+            "neighbouring relation: replace one client, sensitivity 2C, "
+            f"G(z/2) = G({z / 2:g}) per release; epsilon is for the worst-case client that "
+            "takes part in every round"]
+
+
+_BY_MODE: dict[DPMode, type[Mechanism]] = {
+    DPMode.NONE: NoDP, DPMode.CENTRAL: CentralGaussian, DPMode.LOCAL: LocalGaussian}
+
+
+def for_spec(spec: DPSpec) -> Mechanism:
+  """The mechanism `spec` asks for."""
+  return _BY_MODE[spec.mode](spec)
+
+
+def require_calibrated(spec: DPSpec) -> DPSpec:
+  if spec.noise_multiplier is None:
+    raise UsageError(f"--dp_mode={spec.mode.value} needs --noise_multiplier or "
+                     "--target_epsilon")
+  return spec
+
+
+def _find_key(tree, key):
+  if isinstance(tree, Mapping):
+    if key in tree:
+      return tree[key]
+    for value in tree.values():
+      found = _find_key(value, key)
+      if found is not None:
+        return found
+  return None
+
+
+def _compare_events(ours: dp_accounting.DpEvent, theirs: dp_accounting.DpEvent,
+                    path: str, problems: list[str]) -> None:
+  # TFF's multipliers may be numpy float32: compare values, never compose them.
+  if type(ours) is not type(theirs):
+    problems.append(f"{path}: expected {type(ours).__name__}, TFF has {type(theirs).__name__}")
+  elif isinstance(ours, dp_accounting.GaussianDpEvent):
+    a, b = float(ours.noise_multiplier), float(theirs.noise_multiplier)
+    if not math.isclose(a, b, rel_tol=_EVENT_RTOL, abs_tol=1e-9):
+      problems.append(f"{path}: noise multiplier {a:.7g} accounted, TFF has {b:.7g}")
+  elif isinstance(ours, dp_accounting.ComposedDpEvent):
+    if len(ours.events) != len(theirs.events):
+      problems.append(f"{path}: {len(ours.events)} sub-events accounted, "
+                      f"TFF has {len(theirs.events)}")
+    else:
+      for k, (a, b) in enumerate(zip(ours.events, theirs.events)):
+        _compare_events(a, b, f"{path}[{k}]", problems)
+  elif ours != theirs:
+    problems.append(f"{path}: {ours} accounted, TFF has {theirs}")
+
+
+__all__: Sequence[str] = ("CentralGaussian", "LocalGaussian", "Mechanism", "NoDP",
+                          "for_spec", "require_calibrated")

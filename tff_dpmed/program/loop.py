@@ -1,0 +1,236 @@
+"""The round loop: sample, run a round, account, evaluate, commit, checkpoint.
+
+After `tff.learning.programs.train_model`: everything the loop touches is
+injected (the process, the sampler, the ledger, the checkpoint and metrics
+managers, an evaluation function and test hooks), and its state is one typed
+`ProgramState`.
+
+Each round commits as a unit with SIGINT/SIGTERM held back: the ledger
+records the round (and is persisted) before anything of the round is written,
+so every executed round is accounted, including one re-run after a crash.
+"""
+
+import contextlib
+import dataclasses
+import math
+import signal
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+import tqdm
+
+from tff_dpmed.privacy.ledger import PrivacyLedger
+from tff_dpmed.privacy.mechanisms import Mechanism
+from tff_dpmed.program.checkpoints import Checkpointer
+from tff_dpmed.program.metrics_log import MetricsLog
+from tff_dpmed.program.sampling import ClientSampler
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. non-finite weights); the last good checkpoint is kept."""
+
+
+class Stop(Exception):
+  """Raised from a signal handler so the loop can checkpoint before exiting."""
+
+  def __init__(self, signum):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+
+
+def raise_stop(signum, frame):
+  del frame
+  raise Stop(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+  """Holds SIGINT/SIGTERM until the block ends, so it runs as a unit."""
+  blocked = {signal.SIGINT, signal.SIGTERM}
+  previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@dataclasses.dataclass
+class ProgramState:
+  """What a checkpoint holds; `tree()` is the structure the state manager saves."""
+  learning_state: Any
+  round: int
+  sampler: str
+  best_round: int = 0
+  best_val_auc: float = -1.0
+  best_weights: list = dataclasses.field(default_factory=list)
+  stopped_by_budget: bool = False
+
+  def tree(self) -> dict:
+    return dataclasses.asdict(self) | {"learning_state": self.learning_state}
+
+  @classmethod
+  def from_tree(cls, tree: dict) -> "ProgramState":
+    return cls(learning_state=tree["learning_state"], round=int(_py(tree["round"])),
+               sampler=str(_py(tree["sampler"])), best_round=int(_py(tree["best_round"])),
+               best_val_auc=float(_py(tree["best_val_auc"])),
+               best_weights=[np.asarray(w) for w in tree["best_weights"]],
+               stopped_by_budget=bool(_py(tree["stopped_by_budget"])))
+
+
+@dataclasses.dataclass
+class RoundHooks:
+  """Points where a test (or a tool) can act inside the loop; no-ops by default."""
+  after_sample: Callable[[int, np.ndarray, ClientSampler], None] = lambda r, ids, s: None
+  before_next: Callable[[int, Any], Any] = lambda r, learning_state: learning_state
+  after_evaluate: Callable[[int], None] = lambda r: None
+
+
+@dataclasses.dataclass
+class LoopSettings:
+  rounds: int
+  rounds_per_eval: int
+  rounds_per_checkpoint: int
+  max_epsilon: Optional[float]
+  # Per-round values that are not DP releases (train loss and accuracy, cohort
+  # size, round time): written only when they protect nothing anyway.
+  write_unaccounted_metrics: bool
+
+
+@dataclasses.dataclass
+class LoopParts:
+  process: Any                      # the learning process, data composed in
+  sampler: ClientSampler
+  ledger: PrivacyLedger
+  mechanism: Mechanism
+  checkpointer: Checkpointer
+  metrics_log: MetricsLog
+  evaluate: Callable[[Any], dict]   # model weights -> {"accuracy", "auc"} on val
+  check_finite: Callable[[int, Any, Any, np.ndarray], None]
+  save_ledger: Callable[[PrivacyLedger], None]
+
+
+def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
+               hooks: RoundHooks = RoundHooks(), show_progress: bool = True) -> ProgramState:
+  """Runs rounds until `settings.rounds` or the epsilon budget; returns the last state.
+
+  Raises:
+    Stop: On SIGINT/SIGTERM, after checkpointing the last committed round.
+    TrainingError: If a round's model is not finite (nothing of it is kept).
+  """
+  last_saved = state.round
+  event_verified = False
+  progress = tqdm.tqdm(total=settings.rounds, initial=state.round, desc="rounds", unit="round",
+                       disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
+  try:
+    while state.round < settings.rounds and not state.stopped_by_budget:
+      sampler_before = parts.sampler.get_state()
+      try:
+        participants = parts.sampler.sample()
+        hooks.after_sample(state.round + 1, participants, parts.sampler)
+        if _over_budget(parts.ledger, participants, settings.max_epsilon):
+          parts.sampler.set_state(sampler_before)
+          state.stopped_by_budget = True
+          print(f"note: stopping before round {state.round + 1}: it would take epsilon above "
+                f"--max_epsilon={settings.max_epsilon:g}", file=sys.stderr, flush=True)
+          break
+        t0 = time.time()
+        learning_state = hooks.before_next(state.round + 1, state.learning_state)
+        output = parts.process.next(learning_state, [str(i) for i in participants])
+        # Executed: the round's noise has been drawn, so it is accounted now,
+        # whatever happens next (a crash before the commit included).
+        with signals_deferred():
+          parts.ledger.record_round(participants)
+          parts.save_ledger(parts.ledger)
+        weights = parts.process.get_model_weights(output.state)
+        parts.check_finite(state.round + 1, output.metrics, weights, participants)
+        if not event_verified:
+          # What the aggregator says it released must be what the ledger accounts.
+          parts.mechanism.verify_recorded_event(output.state.aggregator)
+          event_verified = True
+        row = _round_row(state.round + 1, output.metrics, participants, parts, settings)
+        new_best = None
+        if _evaluates(state.round + 1, settings):
+          val = parts.evaluate(weights)
+          hooks.after_evaluate(state.round + 1)
+          row.update(val_accuracy=val["accuracy"], val_auc=val["auc"])
+          if math.isfinite(val["auc"]) and val["auc"] > state.best_val_auc:
+            new_best = (state.round + 1, val["auc"], _flat(weights))
+        if settings.write_unaccounted_metrics:
+          row["round_seconds"] = time.time() - t0
+      except (Stop, TrainingError):
+        parts.sampler.set_state(sampler_before)
+        raise
+      with signals_deferred():
+        state.learning_state = output.state
+        state.round += 1
+        state.sampler = parts.sampler.get_state()
+        row["epsilon"] = parts.ledger.epsilon()
+        if new_best:
+          state.best_round, state.best_val_auc, state.best_weights = new_best
+        parts.metrics_log.write(row)
+        if state.round % settings.rounds_per_checkpoint == 0:
+          parts.checkpointer.save(state.tree(), state.round)
+          last_saved = state.round
+      progress.update(1)
+      progress.set_postfix(_postfix(row), refresh=False)
+  except Stop:
+    progress.close()
+    with signals_deferred():
+      if state.round > last_saved:
+        parts.checkpointer.save(state.tree(), state.round)
+    raise
+  progress.close()
+  if state.round > last_saved:
+    parts.checkpointer.save(state.tree(), state.round)
+  return state
+
+
+def _over_budget(ledger: PrivacyLedger, participants, max_epsilon: Optional[float]) -> bool:
+  if max_epsilon is None:
+    return False
+  trial = PrivacyLedger.from_json(ledger.to_json())
+  trial.record_round(participants)
+  return trial.epsilon() > max_epsilon
+
+
+def _evaluates(round_num: int, settings: LoopSettings) -> bool:
+  return round_num % settings.rounds_per_eval == 0 or round_num == settings.rounds
+
+
+def _round_row(round_num: int, metrics, participants, parts: LoopParts,
+               settings: LoopSettings) -> dict:
+  row = {"round": round_num,
+         "clip_norm": parts.mechanism.clip_norm(metrics.get("aggregator", {})),
+         "delta": parts.ledger.spec.delta if parts.mechanism.is_private else None}
+  if settings.write_unaccounted_metrics:
+    train = metrics["client_work"]["train"]
+    row.update(clients=len(participants),
+               train_loss=float(train["loss"]) if len(participants) else None,
+               train_accuracy=float(train["accuracy"]) if len(participants) else None)
+  return row
+
+
+def _flat(weights) -> list:
+  return [np.asarray(w) for w in list(weights.trainable) + list(weights.non_trainable)]
+
+
+def _postfix(row: dict) -> dict:
+  out = {}
+  for key, short in (("train_loss", "loss"), ("train_accuracy", "acc"), ("val_auc", "val_auc"),
+                     ("epsilon", "eps")):
+    if isinstance(row.get(key), float) and math.isfinite(row[key]):
+      out[short] = f"{row[key]:.3f}"
+  return out
+
+
+def _py(value):
+  """Checkpointed scalars come back as numpy values or bytes."""
+  if isinstance(value, np.ndarray) and value.shape == ():
+    value = value.item()
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, bytes):
+    value = value.decode()
+  return value
