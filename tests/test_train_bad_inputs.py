@@ -95,6 +95,48 @@ def _output_under_a_file(tmp):
   return [f"--output_dir={tmp / 'afile' / 'out'}"]
 
 
+def _run_folder_is_a_file(tmp):
+  (tmp / "out").mkdir()
+  (tmp / "out" / "x").write_text("a file where the run folder goes\n")
+  return []
+
+
+def _existing_run(tmp, **files) -> list:
+  """A run folder `out/x` holding `files` (name -> bytes, or None for a folder)."""
+  run = tmp / "out" / "x"
+  run.mkdir(parents=True)
+  for name, content in files.items():
+    if content is None:
+      (run / name).mkdir()
+    else:
+      (run / name).write_bytes(content)
+  return []
+
+
+def _config_json_invalid(tmp):
+  return _existing_run(tmp, **{"config.json": b"{not json"})
+
+
+def _config_json_wrong_type(tmp):
+  return _existing_run(tmp, **{"config.json": b"[1, 2, 3]"})
+
+
+def _config_json_is_a_folder(tmp):
+  return _existing_run(tmp, **{"config.json": None})
+
+
+def _metrics_invalid_bytes(tmp):
+  return _existing_run(tmp, **{"metrics.csv": b"round,clients\n1,\xff\xfe\x00\n"})
+
+
+def _checkpoints_is_a_file(tmp):
+  return _existing_run(tmp, **{"checkpoints": b"not a folder"})
+
+
+def _ledger_corrupt(tmp):
+  return _existing_run(tmp, **{"privacy_ledger.json": b"\x00garbage"})
+
+
 # --- The catalogue ------------------------------------------------------------------------
 
 
@@ -151,6 +193,37 @@ CASES = (
     Case("unknown_flag", ("--no_such_flag=1",), ("no_such_flag",)),
     Case("bad_enum_value", ("--dp_mode=weird",), ("dp_mode", "weird")),
     Case("local_dp_with_adaptive_clipping", ("--dp_mode=local",), ("clip_mode", "local")),
+    # Run folders: names that leave --output_dir, folders that are files, damaged resume files.
+    Case("experiment_name_parent", ("--experiment_name=../../x",), ("experiment_name",)),
+    Case("experiment_name_absolute", ("--experiment_name=/tmp/x",), ("experiment_name",)),
+    Case("experiment_name_empty", ("--experiment_name=",), ("experiment_name",)),
+    Case("experiment_name_hidden", ("--experiment_name=.x",), ("experiment_name",)),
+    Case("run_folder_is_a_file", (), ("not a folder",), setup=_run_folder_is_a_file),
+    Case("config_json_invalid", (), ("config.json", "--restart"), setup=_config_json_invalid),
+    Case("config_json_wrong_type", (), ("config.json",), setup=_config_json_wrong_type),
+    Case("config_json_is_a_folder", (), ("config.json",), setup=_config_json_is_a_folder),
+    Case("metrics_csv_invalid_bytes", (), ("metrics.csv", "--restart"),
+         setup=_metrics_invalid_bytes),
+    Case("checkpoints_is_a_file", (), ("checkpoints", "not a folder"),
+         setup=_checkpoints_is_a_file),
+    Case("privacy_ledger_corrupt", (), ("privacy_ledger.json", "--restart"),
+         setup=_ledger_corrupt),
+    # Extreme numbers: refused with their flag's name, never a traceback or a hang.
+    Case("seed_negative", ("--seed=-5",), ("seed",)),
+    Case("seed_huge", ("--seed=99999999999999999999999",), ("seed",)),
+    Case("clip_underflows_float32", ("--clip_mode=fixed", "--clip=1e-45"), ("clip",)),
+    Case("clip_overflows_float32", ("--clip_mode=fixed", "--clip=1e39"), ("clip",)),
+    Case("noise_multiplier_overflows_float32", ("--noise_multiplier=1e39",),
+         ("noise_multiplier",), noise=False),
+    Case("target_epsilon_astronomical", ("--target_epsilon=1e300",), ("target_epsilon",),
+         noise=False),
+    Case("target_epsilon_absurd_rounds", ("--target_epsilon=3", "--rounds=1000000000"),
+         ("rounds",), noise=False),
+    Case("rounds_huge", ("--rounds=100000000000",), ("rounds",)),
+    Case("learning_rate_overflows_float32", ("--client_learning_rate=1e39",),
+         ("client_learning_rate",)),
+    Case("insecure_sampling_without_seed", ("--insecure_reproducible_sampling",),
+         ("insecure_reproducible_sampling", "--seed")),
 )
 
 
@@ -159,6 +232,7 @@ class Outcome:
   argv: list
   out_dir: pathlib.Path
   proc: subprocess.CompletedProcess
+  before: dict                  # the output folder before the run (a case may seed it)
 
 
 def _run_case(case: Case, tmp: pathlib.Path, real_dir: str) -> Outcome:
@@ -175,10 +249,18 @@ def _run_case(case: Case, tmp: pathlib.Path, real_dir: str) -> Outcome:
   if case.setup is not None:
     flags += case.setup(tmp)  # Later flags win in absl, so a case can override the base.
   out_dir = pathlib.Path([f for f in flags if f.startswith("--output_dir=")][-1].split("=", 1)[1])
+  before = _snapshot(out_dir)
   argv = [sys.executable, "-m", "tff_dpmed.train", *flags]
   proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=TIMEOUT_S, check=False)
-  return Outcome(argv, out_dir, proc)
+  return Outcome(argv, out_dir, proc, before)
+
+
+def _snapshot(folder: pathlib.Path) -> dict:
+  """Every path under `folder` with its bytes (None for folders)."""
+  if not folder.is_dir():
+    return {}
+  return {str(p): (None if p.is_dir() else p.read_bytes()) for p in sorted(folder.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +294,9 @@ def test_bad_input_is_one_line_error(case, outcomes):
   assert lines[0].startswith("error: "), context
   for word in case.keywords:
     assert word.lower() in lines[0].lower(), f"{word!r} not in {lines[0]!r}{context}"
-  written = sorted(str(p) for p in result.out_dir.rglob("*")) if result.out_dir.is_dir() else []
-  assert not written, f"files written although the input was rejected: {written}{context}"
+  after = _snapshot(result.out_dir)
+  changed = sorted(set(after) ^ set(result.before)
+                   | {p for p in after if p in result.before and after[p] != result.before[p]})
+  assert not changed, f"files written although the input was rejected: {changed}{context}"
   # Show the message in -rA / -s output, for the catalogue of messages.
   print(f"{case.id}: {lines[0]}")

@@ -134,9 +134,9 @@ class RunConfig:
     if self.partition == "dirichlet":
       _positive_finite("dirichlet_alpha", self.dirichlet_alpha)
     if self.seed is not None and not (isinstance(self.seed, int)
-                                      and -_SEED_BOUND <= self.seed < _SEED_BOUND):
-      raise UsageError(f"--seed={self.seed} is not a 64-bit integer: pass one in "
-                       "[-2^63, 2^63) or omit --seed")
+                                      and 0 <= self.seed < _SEED_BOUND):
+      raise UsageError(f"--seed={self.seed} is outside [0, 2^63): pass a non-negative "
+                       "64-bit seed, or omit --seed")
     if not _EXPERIMENT_NAME.fullmatch(self.experiment_name or ""):
       raise UsageError(f"--experiment_name={self.experiment_name!r} must be one folder name "
                        "(letters, digits, '_', '-', '.', '=', '+'; no '/' or '..', at most 128 "
@@ -209,4 +209,5 @@ def _positive_int(name, value):
 def _positive_finite(name, value):
   # float32 bound too: TFF keeps hyperparameters in float32 state, where 1e300 is inf.
   if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < FLOAT32_MAX):
-    raise UsageError(f"--{name}={value} must be a finite number > 0")
+    raise UsageError(f"--{name}={value} must be a number > 0 that fits a float32 (below "
+                     "3.4e38)")

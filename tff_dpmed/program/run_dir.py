@@ -22,12 +22,12 @@ from tff_dpmed.files import write_json_atomic
 from tff_dpmed.privacy.ledger import PrivacyLedger
 from tff_dpmed.privacy.spec import DPMode
 from tff_dpmed.program import loop
+from tff_dpmed.program import metrics_log
 from tff_dpmed.program.checkpoints import Checkpointer
 from tff_dpmed.program.config import RunConfig
 
 LEDGER_FILE = "privacy_ledger.json"
 CONFIG_FILE = "config.json"
-_LOCK_FILE = ".lock"
 # Changing these between a run and its resume would make the resumed state
 # meaningless; the privacy settings are checked against the ledger itself.
 RESUME_KEYS = ("dataset", "image_size", "partition", "dirichlet_alpha", "model",
@@ -73,7 +73,8 @@ class RunFolder:
   def __init__(self, cfg: RunConfig, splits: ImageSplits):
     self._cfg = cfg
     self._splits = splits
-    self._lock = None
+    self._lock_fd: Optional[int] = None
+    self._ledger: Optional[PrivacyLedger] = None
     self.checkpointer: Optional[Checkpointer] = None
 
   @property
@@ -89,18 +90,24 @@ class RunFolder:
                        "writable --output_dir and a plain --experiment_name") from None
     self._take_lock()
     try:
+      # Everything the folder holds is checked before anything in it is written.
       fingerprint = data_fingerprint(self._splits)
       old = self._read_config()
       if cfg.restart:
         self._clear()
-      elif old is not None:
-        self._check_compatible(old, fingerprint)
+      else:
+        if old is not None:
+          self._check_compatible(old, fingerprint)
+        self._ledger = self._read_ledger()
+        if self._ledger is not None:
+          self._ledger.check_matches(cfg.dp)
+        metrics_log.read_metrics(self.path)  # Unreadable: a one-line error now, not later.
+        checkpoints = os.path.join(self.path, "checkpoints")
+        if os.path.lexists(checkpoints) and not os.path.isdir(checkpoints):
+          raise UsageError(f"{checkpoints} is not a folder: remove it, or pass --restart")
       write_json_atomic(os.path.join(self.path, CONFIG_FILE),
                         {"config": cfg.to_json(), "dataset": self._splits.info.to_json(),
                          "train_data_sha256": fingerprint})
-      checkpoints = os.path.join(self.path, "checkpoints")
-      if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):
-        raise UsageError(f"{checkpoints} is not a folder: remove it or pass --restart")
       self.checkpointer = Checkpointer(self.path)
     except BaseException:
       self._release_lock()
@@ -111,24 +118,21 @@ class RunFolder:
     self._release_lock()
 
   def _take_lock(self) -> None:
-    path = os.path.join(self.path, _LOCK_FILE)
-    if os.path.exists(path) and not os.path.isfile(path):
-      raise UsageError(f"{path} is not a file: remove it")
-    self._lock = open(path, "a")
+    # The folder itself is locked, so a refused run writes nothing into it.
+    self._lock_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-      fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-      self._lock.close()
-      self._lock = None
-      if e.errno in (errno.EAGAIN, errno.EACCES):
+      self._release_lock()
+      if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
         raise UsageError(f"another run is using {self.path}: wait for it to finish, or pass "
                          "another --experiment_name") from None
       raise
 
   def _release_lock(self) -> None:
-    if self._lock is not None:
-      self._lock.close()  # Closing the file releases the flock.
-      self._lock = None
+    if self._lock_fd is not None:
+      os.close(self._lock_fd)  # Closing the descriptor releases the flock.
+      self._lock_fd = None
 
   def _read_config(self) -> Optional[dict]:
     path = os.path.join(self.path, CONFIG_FILE)
@@ -191,9 +195,7 @@ class RunFolder:
         if there is a checkpoint but no ledger, or released rounds but no
         readable checkpoint.
     """
-    ledger = self._read_ledger()
-    if ledger is not None:
-      ledger.check_matches(fresh_ledger.spec)
+    ledger = self._ledger
     restored = self.checkpointer.load_latest(fresh.tree())
     if restored is None:
       if ledger is not None and ledger.rounds > 0:
