@@ -205,6 +205,95 @@ def test_folder_errors(tmp_path):
   assert "positive integer" in error(extra, size=0)
 
 
+def _tree(root) -> list:
+  """Every path under root (links not followed), to show a failed load wrote nothing."""
+  return sorted(os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files)
+
+
+def _folder_error(root, image_size=8, **kwargs) -> str:
+  before = _tree(root)
+  message = _one_line_error(image_folder.load_image_folder, str(root), image_size, **kwargs)
+  assert _tree(root) == before
+  return message
+
+
+def _two_classes(root, n=10):
+  _class_folder(root, "a", n)
+  _class_folder(root, "b", n)
+
+
+@pytest.mark.parametrize("links", [
+    {"a/x.png": "x.png"},                          # image, loop of length 1
+    {"a/x.png": "y.png", "a/y.png": "x.png"},      # image, length 2
+    {"c": "c"},                                    # class folder, length 1
+    {"c": "d", "d": "c"},                          # class folders, length 2
+    {"b/z.jpg": "../a/z.jpg", "a/z.jpg": "../b/z.jpg"},  # across class folders
+])
+def test_folder_symlink_loops(tmp_path, links):
+  root = tmp_path / "loops"
+  _two_classes(root)
+  for name, target in links.items():
+    os.symlink(target, root / name)
+  message = _folder_error(root)
+  assert "is a symbolic link loop" in message and "remove the link" in message
+
+
+def test_folder_root_and_split_folder_loops(tmp_path):
+  os.symlink(tmp_path / "root", tmp_path / "root")
+  message = _one_line_error(image_folder.load_image_folder, str(tmp_path / "root"), 8)
+  assert "root is a symbolic link loop" in message
+  split = tmp_path / "split"
+  for s in ("val", "test"):
+    _two_classes(split / s, n=1)
+  os.symlink("train", split / "train")
+  assert "train is a symbolic link loop" in _folder_error(split)
+
+
+def test_folder_broken_image_link(tmp_path):
+  root = tmp_path / "broken_link"
+  _two_classes(root)
+  os.symlink(tmp_path / "gone.png", root / "a" / "z.png")
+  assert "is a broken symbolic link" in _folder_error(root)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("layout", ["flat", "splits"])
+def test_folder_fifo_image_is_refused_not_opened(tmp_path, layout):
+  root = tmp_path / layout
+  if layout == "flat":
+    _two_classes(root)
+    os.mkfifo(root / "b" / "img99.png")
+  else:
+    for s in ("train", "val", "test"):
+      _two_classes(root / s, n=1)
+    os.mkfifo(root / "test" / "a" / "pipe.jpg")
+  message = _folder_error(root)
+  assert "is a named pipe (FIFO), not a regular file" in message
+
+
+@pytest.mark.parametrize("size", [10**6, 2**31, 2**62])
+def test_folder_huge_image_size(tmp_path, size):
+  root = tmp_path / "huge"
+  _two_classes(root)
+  message = _folder_error(root, image_size=size)
+  assert f"image size {size} is larger than the supported maximum of 4096" in message
+
+
+def test_folder_larger_than_memory(monkeypatch, tmp_path):
+  root = tmp_path / "mem"
+  _two_classes(root)
+  monkeypatch.setattr(image_folder.guards, "memory_limit_bytes", lambda: 10_000)
+  message = _folder_error(root, image_size=64)
+  assert "20 images of 64x64 pixels needs" in message and "--image_size" in message
+
+
+@pytest.mark.parametrize("seed", [-1, 2.5, "0", None])
+def test_folder_bad_seed(tmp_path, seed):
+  root = tmp_path / "seed"
+  _two_classes(root)
+  assert "seed must be a non-negative integer" in _folder_error(root, seed=seed)
+
+
 # --- registry --------------------------------------------------------------------------------
 
 def test_registry_dispatch_and_errors(tmp_path):

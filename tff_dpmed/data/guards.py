@@ -94,3 +94,11 @@ def check_image_size(image_size) -> int:
     raise UsageError(f"image size {image_size} is larger than the supported maximum of "
                      f"{MAX_IMAGE_SIZE} pixels: pass a smaller --image_size, e.g. 224")
   return int(image_size)
+
+
+def check_seed(seed) -> int:
+  """A non-negative integer seed for NumPy's generators, as an int."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise UsageError(f"seed must be a non-negative integer, got {seed!r}: pass e.g. "
+                     "--seed=0")
+  return int(seed)
