@@ -1,6 +1,8 @@
 """TFDS (mocked, offline) and image-folder sources, and the spec registry."""
 
 import os
+import socket
+import time
 import zlib
 
 import numpy as np
@@ -89,6 +91,79 @@ def test_tfds_errors(tmp_path):
   assert "not prepared" in _one_line_error(tfds_source.load_tfds, "mnist", 28,
                                            data_dir=str(tmp_path), download=False)
   assert "positive integer" in _one_line_error(tfds_source.load_tfds, "mnist", 0)
+
+
+def _offline(*args, **kwargs):
+  raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (test: offline)")
+
+
+def _tfds_target(monkeypatch, tmp_path, where):
+  """(data_dir argument, folder that must stay as it was, whether it existed)."""
+  if where == "given":
+    folder = tmp_path / "tfds"
+    folder.mkdir()
+    (folder / "other_dataset").mkdir()  # The user's other data must survive.
+    return str(folder), folder
+  folder = tmp_path / "default_tfds"  # TFDS's default folder, not there yet.
+  monkeypatch.setenv("TFDS_DATA_DIR", str(folder))
+  return None, folder
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("where", ["given", "default"])
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_tfds_offline_download_fails_fast_and_leaves_nothing(monkeypatch, tmp_path, where,
+                                                             name):
+  monkeypatch.setattr(socket, "getaddrinfo", _offline)  # No DNS: as offline as it gets.
+  data_dir, folder = _tfds_target(monkeypatch, tmp_path, where)
+  before = _tree(folder) if folder.exists() else None
+  start = time.monotonic()
+  message = _one_line_error(tfds_source.load_tfds, name, 28, data_dir=data_dir)
+  assert time.monotonic() - start < 30  # Was ~215 s of retries.
+  assert message.startswith(f"could not download/prepare TFDS dataset '{name}' into ")
+  assert f"prepare it with `tfds build {name}`" in message
+  if before is None:
+    assert not folder.exists()
+  else:
+    assert _tree(folder) == before  # No downloads/*.tmp, no half-prepared dataset.
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["given", "default"])
+def test_tfds_interrupted_download_leaves_nothing(monkeypatch, tmp_path, where):
+  def interrupted(self, *, download_dir=None, **kwargs):
+    # What TFDS has written when Ctrl-C arrives: a partial download and data.
+    downloads = download_dir or os.path.join(self.data_dir_root, "downloads")
+    os.makedirs(os.path.join(downloads, "x.tmp.123"), exist_ok=True)
+    os.makedirs(self.data_dir + ".incomplete123", exist_ok=True)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", interrupted)
+  data_dir, folder = _tfds_target(monkeypatch, tmp_path, where)
+  before = _tree(folder) if folder.exists() else None
+  with pytest.raises(KeyboardInterrupt):
+    tfds_source.load_tfds("mnist", 28, data_dir=data_dir)
+  if before is None:
+    assert not folder.exists()
+  else:
+    assert _tree(folder) == before
+
+
+def test_tfds_prepared_dataset_needs_no_network(monkeypatch, tmp_path):
+  def no_download(self, **kwargs):
+    raise AssertionError("download_and_prepare called for a prepared dataset")
+
+  with _mock_tfds(tmp_path, "mnist", ("train", "test"), num_examples=20):
+    monkeypatch.setattr(socket, "getaddrinfo", _offline)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
+    splits = tfds_source.load_tfds("mnist", 28)
+  assert len(splits.test_images) == 20
+
+
+@pytest.mark.parametrize("size", [10**6, 2**40])
+def test_tfds_huge_image_size(size):
+  message = _one_line_error(tfds_source.load_tfds, "mnist", size)
+  assert f"image size {size} is larger than the supported maximum" in message
 
 
 # --- image folder ----------------------------------------------------------------------------
