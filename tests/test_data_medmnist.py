@@ -358,7 +358,33 @@ def test_header_and_zip_sizes_forged_to_agree(tmp_path, compression):
   header_bytes = len(raw) - 16
   data_fixtures.forge_zip_member_size(path, "train_images.npy", 4 * 10**9 + header_bytes)
   message = _load_error_writes_nothing(tmp_path)
-  assert "array 'train_images' claims 3.73 GiB" in message and "compressed data" in message
+  assert "array 'train_images' claims 3.73 GiB of compressed data, more than the whole" in message
+
+
+def test_zip_bomb_ratio_is_refused(tmp_path):
+  # Deflated member whose size fields claim ~4 GB from a few bytes: beyond deflate's ratio.
+  path = str(tmp_path / "breastmnist.npz")
+  raw = data_fixtures.npy_bytes_with_header((4000, 1000, 1000))
+  data_fixtures.write_npz_members(path, {"train_images": raw},
+                                  compression=zipfile.ZIP_DEFLATED)
+  with zipfile.ZipFile(path) as zf:
+    compressed = zf.getinfo("train_images.npy").compress_size
+  import struct  # pylint: disable=g-import-not-at-top
+  with open(path, "r+b") as f:  # Only the uncompressed size: the data still fits the file.
+    data = bytearray(f.read())
+    with zipfile.ZipFile(path) as zf:
+      info, central = zf.getinfo("train_images.npy"), zf.start_dir
+    struct.pack_into("<I", data, info.header_offset + 22, 4 * 10**9 + len(raw) - 16)
+    pos = central
+    while data[pos:pos + 4] == b"PK\x01\x02":
+      n, m, k = struct.unpack_from("<HHH", data, pos + 28)
+      if data[pos + 46:pos + 46 + n] == b"train_images.npy":
+        struct.pack_into("<I", data, pos + 24, 4 * 10**9 + len(raw) - 16)
+      pos += 46 + n + m + k
+    f.seek(0)
+    f.write(data)
+  message = _load_error_writes_nothing(tmp_path)
+  assert f"claims to expand {compressed} bytes of compressed data into 3.73 GiB" in message
 
 
 def test_arrays_larger_than_memory_are_refused(monkeypatch, tmp_path):

@@ -327,15 +327,18 @@ def _read_npz(path: str, keys) -> tuple[dict, list]:
               f"{path} is truncated or corrupt (array '{key}' declares shape {shape} of "
               f"{dtype}, {guards.gib(nbytes)}, but the archive holds "
               f"{guards.gib(max(stored, 0))} for it): {fix}")
-        if info.header_offset + info.compress_size > archive_bytes or (
-            info.compress_type == zipfile.ZIP_STORED
-            and info.compress_size != info.file_size) or (
-            info.compress_type == zipfile.ZIP_DEFLATED
-            and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + (1 << 16)):
+        if info.header_offset + info.compress_size > archive_bytes:
           raise UsageError(
-              f"{path} is truncated or corrupt (array '{key}' claims {guards.gib(nbytes)} "
-              f"from {guards.gib(info.compress_size)} of compressed data in a "
+              f"{path} is truncated or corrupt (array '{key}' claims "
+              f"{guards.gib(info.compress_size)} of compressed data, more than the whole "
               f"{guards.gib(archive_bytes)} file): {fix}")
+        if (info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size) \
+            or (info.compress_type == zipfile.ZIP_DEFLATED
+                and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + (1 << 16)):
+          raise UsageError(
+              f"{path} is truncated or corrupt (array '{key}' claims to expand "
+              f"{guards.gib(info.compress_size)} of compressed data into "
+              f"{guards.gib(nbytes)}, more than zip compression can): {fix}")
         declared += nbytes
       guards.check_memory(declared, f"{path} (its arrays)",
                           "use a smaller image size or dataset, or a machine with more "
