@@ -112,3 +112,56 @@ def http_server(directory: str, handler_cls=_QuietHandler) -> Iterator[str]:
     server.shutdown()
     server.server_close()
     thread.join(timeout=10)
+
+
+def npy_bytes_with_header(shape, dtype: str = "|u1", data: bytes = b"\0" * 16) -> bytes:
+  """A .npy member whose header declares `shape` x `dtype` but that holds only `data`."""
+  import io  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  np.lib.format.write_array_header_2_0(
+      buf, {"descr": dtype, "fortran_order": False, "shape": tuple(shape)})
+  return buf.getvalue() + data
+
+
+def write_npz_members(path: str, members: dict, compression: int = None) -> str:
+  """Writes an .npz from raw member bytes ({'train_images': b'...'}) plus fake arrays.
+
+  Keys missing from `members` get valid arrays from `fake_medmnist_arrays()`,
+  so only the forged members are wrong.
+  """
+  import io  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  compression = zipfile.ZIP_STORED if compression is None else compression
+  with zipfile.ZipFile(path, "w", compression=compression) as zf:
+    for key, value in fake_medmnist_arrays().items():
+      if key not in members:
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, value, allow_pickle=False)
+        zf.writestr(f"{key}.npy", buf.getvalue())
+    for key, raw in members.items():
+      zf.writestr(f"{key}.npy", raw)
+  return path
+
+
+def forge_zip_member_size(path: str, member: str, size: int) -> None:
+  """Rewrites the (un)compressed-size fields of `member` in both zip headers to `size`.
+
+  Makes an archive whose size fields agree with a forged .npy header, so
+  only the check against the real file length can catch it.
+  """
+  import struct  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  with zipfile.ZipFile(path) as zf:
+    info = zf.getinfo(member)
+    central = zf.start_dir
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    struct.pack_into("<II", data, info.header_offset + 18, size, size)
+    pos = central
+    while data[pos:pos + 4] == b"PK\x01\x02":
+      n, m, k = struct.unpack_from("<HHH", data, pos + 28)
+      if data[pos + 46:pos + 46 + n].decode() == member:
+        struct.pack_into("<II", data, pos + 20, size, size)
+      pos += 46 + n + m + k
+    f.seek(0)
+    f.write(data)

@@ -5,6 +5,7 @@ import http.server
 import os
 import shutil
 import threading
+import zipfile
 
 import numpy as np
 import pytest
@@ -309,8 +310,137 @@ def test_pickled_object_array(tmp_path):
   arrays = data_fixtures.fake_medmnist_arrays()
   arrays["train_labels"] = np.array([{"a": 1}] * 12, dtype=object)
   np.savez(tmp_path / "breastmnist.npz", **arrays)
-  assert "corrupt" in _usage_error(medmnist.load_medmnist, "breastmnist",
-                                   data_dir=str(tmp_path), download=False)
+  assert "pickled Python objects" in _usage_error(medmnist.load_medmnist, "breastmnist",
+                                                  data_dir=str(tmp_path), download=False)
+
+
+# --- hostile files (issue 17): refused by type and size, before any read or allocation ----
+
+def _load_error_writes_nothing(folder, name="breastmnist", **kwargs) -> str:
+  """The UsageError of loading `name` from `folder`; the folder must be left as it was."""
+  before = sorted(os.listdir(folder))
+  kwargs.setdefault("download", False)
+  message = _usage_error(medmnist.load_medmnist, name, data_dir=str(folder), **kwargs)
+  assert sorted(os.listdir(folder)) == before
+  return message
+
+
+@pytest.mark.parametrize("shape,dtype", [
+    ((10**12,), "|u1"),            # 931 GiB of uint8
+    ((2**40, 28, 28), "|u1"),      # 784 TiB
+    ((10**6, 10**6), "<f8"),       # 7 TiB of float64
+    ((2**20, 2**20, 28), "|u1"),
+])
+@pytest.mark.parametrize("member", ["train_images", "test_labels"])
+def test_huge_declared_array_is_refused_before_allocation(tmp_path, shape, dtype, member):
+  data_fixtures.write_npz_members(
+      str(tmp_path / "breastmnist.npz"),
+      {member: data_fixtures.npy_bytes_with_header(shape, dtype)})
+  message = _load_error_writes_nothing(tmp_path)
+  assert f"array '{member}' declares shape {shape}" in message
+  assert "truncated or corrupt" in message and "delete it" in message
+
+
+def test_huge_header_in_deflated_archive(tmp_path):
+  data_fixtures.write_npz_members(
+      str(tmp_path / "breastmnist.npz"),
+      {"val_images": data_fixtures.npy_bytes_with_header((10**13,))},
+      compression=zipfile.ZIP_DEFLATED)
+  assert "declares shape (10000000000000,)" in _load_error_writes_nothing(tmp_path)
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_header_and_zip_sizes_forged_to_agree(tmp_path, compression):
+  # The zip size fields match the forged header, so only the real length can tell.
+  path = str(tmp_path / "breastmnist.npz")
+  raw = data_fixtures.npy_bytes_with_header((4000, 1000, 1000))
+  data_fixtures.write_npz_members(path, {"train_images": raw}, compression=compression)
+  header_bytes = len(raw) - 16
+  data_fixtures.forge_zip_member_size(path, "train_images.npy", 4 * 10**9 + header_bytes)
+  message = _load_error_writes_nothing(tmp_path)
+  assert "array 'train_images' claims 3.73 GiB of compressed data, more than the whole" in message
+
+
+def test_zip_bomb_ratio_is_refused(tmp_path):
+  # Deflated member whose size fields claim ~4 GB from a few bytes: beyond deflate's ratio.
+  path = str(tmp_path / "breastmnist.npz")
+  raw = data_fixtures.npy_bytes_with_header((4000, 1000, 1000))
+  data_fixtures.write_npz_members(path, {"train_images": raw},
+                                  compression=zipfile.ZIP_DEFLATED)
+  with zipfile.ZipFile(path) as zf:
+    compressed = zf.getinfo("train_images.npy").compress_size
+  import struct  # pylint: disable=g-import-not-at-top
+  with open(path, "r+b") as f:  # Only the uncompressed size: the data still fits the file.
+    data = bytearray(f.read())
+    with zipfile.ZipFile(path) as zf:
+      info, central = zf.getinfo("train_images.npy"), zf.start_dir
+    struct.pack_into("<I", data, info.header_offset + 22, 4 * 10**9 + len(raw) - 16)
+    pos = central
+    while data[pos:pos + 4] == b"PK\x01\x02":
+      n, m, k = struct.unpack_from("<HHH", data, pos + 28)
+      if data[pos + 46:pos + 46 + n] == b"train_images.npy":
+        struct.pack_into("<I", data, pos + 24, 4 * 10**9 + len(raw) - 16)
+      pos += 46 + n + m + k
+    f.seek(0)
+    f.write(data)
+  message = _load_error_writes_nothing(tmp_path)
+  assert f"claims to expand {compressed} bytes of compressed data into 3.73 GiB" in message
+
+
+def test_arrays_larger_than_memory_are_refused(monkeypatch, tmp_path):
+  data_fixtures.write_fake_medmnist(str(tmp_path), "breastmnist")
+  monkeypatch.setattr(medmnist.guards, "memory_limit_bytes", lambda: 4096)
+  message = _load_error_writes_nothing(tmp_path)
+  assert "more than this machine's memory (4096 bytes)" in message
+
+
+def test_zero_byte_file(tmp_path):
+  (tmp_path / "breastmnist.npz").write_bytes(b"")
+  assert "is empty (0 bytes)" in _load_error_writes_nothing(tmp_path)
+  # Downloading does not overwrite it either: the user must look at it.
+  assert "is empty (0 bytes)" in _load_error_writes_nothing(tmp_path, download=True)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("options", [dict(), dict(download=True), dict(verify_md5=True)])
+def test_fifo_instead_of_npz_is_refused_not_opened(tmp_path, options):
+  os.mkfifo(tmp_path / "breastmnist.npz")
+  message = _load_error_writes_nothing(tmp_path, **options)
+  assert "breastmnist.npz is a named pipe (FIFO), not a regular file" in message
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("options", [dict(), dict(verify_md5=True)])
+def test_device_instead_of_npz(tmp_path, options):
+  os.symlink("/dev/zero", tmp_path / "breastmnist.npz")  # Never ends: md5 would spin.
+  message = _load_error_writes_nothing(tmp_path, **options)
+  assert "is a character device, not a regular file" in message
+
+
+@pytest.mark.parametrize("options", [dict(), dict(verify_md5=True), dict(download=True)])
+def test_folder_named_like_the_npz(tmp_path, options):
+  (tmp_path / "breastmnist.npz").mkdir()
+  message = _load_error_writes_nothing(tmp_path, **options)
+  assert "breastmnist.npz is a folder, not a regular file" in message
+
+
+@pytest.mark.parametrize("links", [
+    {"breastmnist.npz": "breastmnist.npz"},                        # loop of length 1
+    {"breastmnist.npz": "other.npz", "other.npz": "breastmnist.npz"},  # length 2
+])
+@pytest.mark.parametrize("download", [False, True])
+def test_symlink_loop_instead_of_npz(tmp_path, links, download):
+  for name, target in links.items():
+    os.symlink(target, tmp_path / name)
+  message = _load_error_writes_nothing(tmp_path, download=download)
+  assert "breastmnist.npz is a symbolic link loop" in message
+  assert all(os.path.islink(tmp_path / name) for name in links)  # Not replaced by a download.
+
+
+def test_broken_symlink_instead_of_npz(tmp_path):
+  os.symlink(tmp_path / "gone.npz", tmp_path / "breastmnist.npz")
+  message = _load_error_writes_nothing(tmp_path)
+  assert "is a broken symbolic link" in message and "gone.npz" in message
 
 
 # --- download ---------------------------------------------------------------------------------

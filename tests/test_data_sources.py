@@ -1,6 +1,8 @@
 """TFDS (mocked, offline) and image-folder sources, and the spec registry."""
 
 import os
+import socket
+import time
 import zlib
 
 import numpy as np
@@ -89,6 +91,79 @@ def test_tfds_errors(tmp_path):
   assert "not prepared" in _one_line_error(tfds_source.load_tfds, "mnist", 28,
                                            data_dir=str(tmp_path), download=False)
   assert "positive integer" in _one_line_error(tfds_source.load_tfds, "mnist", 0)
+
+
+def _offline(*args, **kwargs):
+  raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (test: offline)")
+
+
+def _tfds_target(monkeypatch, tmp_path, where):
+  """(data_dir argument, folder that must stay as it was, whether it existed)."""
+  if where == "given":
+    folder = tmp_path / "tfds"
+    folder.mkdir()
+    (folder / "other_dataset").mkdir()  # The user's other data must survive.
+    return str(folder), folder
+  folder = tmp_path / "default_tfds"  # TFDS's default folder, not there yet.
+  monkeypatch.setenv("TFDS_DATA_DIR", str(folder))
+  return None, folder
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("where", ["given", "default"])
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_tfds_offline_download_fails_fast_and_leaves_nothing(monkeypatch, tmp_path, where,
+                                                             name):
+  monkeypatch.setattr(socket, "getaddrinfo", _offline)  # No DNS: as offline as it gets.
+  data_dir, folder = _tfds_target(monkeypatch, tmp_path, where)
+  before = _tree(folder) if folder.exists() else None
+  start = time.monotonic()
+  message = _one_line_error(tfds_source.load_tfds, name, 28, data_dir=data_dir)
+  assert time.monotonic() - start < 30  # Was ~215 s of retries.
+  assert message.startswith(f"could not download/prepare TFDS dataset '{name}' into ")
+  assert f"prepare it with `tfds build {name}`" in message
+  if before is None:
+    assert not folder.exists()
+  else:
+    assert _tree(folder) == before  # No downloads/*.tmp, no half-prepared dataset.
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["given", "default"])
+def test_tfds_interrupted_download_leaves_nothing(monkeypatch, tmp_path, where):
+  def interrupted(self, *, download_dir=None, **kwargs):
+    # What TFDS has written when Ctrl-C arrives: a partial download and data.
+    downloads = download_dir or os.path.join(self.data_dir_root, "downloads")
+    os.makedirs(os.path.join(downloads, "x.tmp.123"), exist_ok=True)
+    os.makedirs(self.data_dir + ".incomplete123", exist_ok=True)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", interrupted)
+  data_dir, folder = _tfds_target(monkeypatch, tmp_path, where)
+  before = _tree(folder) if folder.exists() else None
+  with pytest.raises(KeyboardInterrupt):
+    tfds_source.load_tfds("mnist", 28, data_dir=data_dir)
+  if before is None:
+    assert not folder.exists()
+  else:
+    assert _tree(folder) == before
+
+
+def test_tfds_prepared_dataset_needs_no_network(monkeypatch, tmp_path):
+  def no_download(self, **kwargs):
+    raise AssertionError("download_and_prepare called for a prepared dataset")
+
+  with _mock_tfds(tmp_path, "mnist", ("train", "test"), num_examples=20):
+    monkeypatch.setattr(socket, "getaddrinfo", _offline)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
+    splits = tfds_source.load_tfds("mnist", 28)
+  assert len(splits.test_images) == 20
+
+
+@pytest.mark.parametrize("size", [10**6, 2**40])
+def test_tfds_huge_image_size(size):
+  message = _one_line_error(tfds_source.load_tfds, "mnist", size)
+  assert f"image size {size} is larger than the supported maximum" in message
 
 
 # --- image folder ----------------------------------------------------------------------------
@@ -203,6 +278,95 @@ def test_folder_errors(tmp_path):
   _class_folder(extra / "test", "c", 1)
   assert "c that train/ lacks" in error(extra)
   assert "positive integer" in error(extra, size=0)
+
+
+def _tree(root) -> list:
+  """Every path under root (links not followed), to show a failed load wrote nothing."""
+  return sorted(os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files)
+
+
+def _folder_error(root, image_size=8, **kwargs) -> str:
+  before = _tree(root)
+  message = _one_line_error(image_folder.load_image_folder, str(root), image_size, **kwargs)
+  assert _tree(root) == before
+  return message
+
+
+def _two_classes(root, n=10):
+  _class_folder(root, "a", n)
+  _class_folder(root, "b", n)
+
+
+@pytest.mark.parametrize("links", [
+    {"a/x.png": "x.png"},                          # image, loop of length 1
+    {"a/x.png": "y.png", "a/y.png": "x.png"},      # image, length 2
+    {"c": "c"},                                    # class folder, length 1
+    {"c": "d", "d": "c"},                          # class folders, length 2
+    {"b/z.jpg": "../a/z.jpg", "a/z.jpg": "../b/z.jpg"},  # across class folders
+])
+def test_folder_symlink_loops(tmp_path, links):
+  root = tmp_path / "loops"
+  _two_classes(root)
+  for name, target in links.items():
+    os.symlink(target, root / name)
+  message = _folder_error(root)
+  assert "is a symbolic link loop" in message and "remove the link" in message
+
+
+def test_folder_root_and_split_folder_loops(tmp_path):
+  os.symlink(tmp_path / "root", tmp_path / "root")
+  message = _one_line_error(image_folder.load_image_folder, str(tmp_path / "root"), 8)
+  assert "root is a symbolic link loop" in message
+  split = tmp_path / "split"
+  for s in ("val", "test"):
+    _two_classes(split / s, n=1)
+  os.symlink("train", split / "train")
+  assert "train is a symbolic link loop" in _folder_error(split)
+
+
+def test_folder_broken_image_link(tmp_path):
+  root = tmp_path / "broken_link"
+  _two_classes(root)
+  os.symlink(tmp_path / "gone.png", root / "a" / "z.png")
+  assert "is a broken symbolic link" in _folder_error(root)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("layout", ["flat", "splits"])
+def test_folder_fifo_image_is_refused_not_opened(tmp_path, layout):
+  root = tmp_path / layout
+  if layout == "flat":
+    _two_classes(root)
+    os.mkfifo(root / "b" / "img99.png")
+  else:
+    for s in ("train", "val", "test"):
+      _two_classes(root / s, n=1)
+    os.mkfifo(root / "test" / "a" / "pipe.jpg")
+  message = _folder_error(root)
+  assert "is a named pipe (FIFO), not a regular file" in message
+
+
+@pytest.mark.parametrize("size", [10**6, 2**31, 2**62])
+def test_folder_huge_image_size(tmp_path, size):
+  root = tmp_path / "huge"
+  _two_classes(root)
+  message = _folder_error(root, image_size=size)
+  assert f"image size {size} is larger than the supported maximum of 4096" in message
+
+
+def test_folder_larger_than_memory(monkeypatch, tmp_path):
+  root = tmp_path / "mem"
+  _two_classes(root)
+  monkeypatch.setattr(image_folder.guards, "memory_limit_bytes", lambda: 10_000)
+  message = _folder_error(root, image_size=64)
+  assert "20 images of 64x64 pixels needs" in message and "--image_size" in message
+
+
+@pytest.mark.parametrize("seed", [-1, 2.5, "0", None])
+def test_folder_bad_seed(tmp_path, seed):
+  root = tmp_path / "seed"
+  _two_classes(root)
+  assert "seed must be a non-negative integer" in _folder_error(root, seed=seed)
 
 
 # --- registry --------------------------------------------------------------------------------

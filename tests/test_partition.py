@@ -113,3 +113,73 @@ def test_bad_labels():
     partition.partition_dirichlet(np.array([0, 1, -1]), 2, 1.0, seed=0)
   with pytest.raises(UsageError, match="shape"):
     partition.partition_dirichlet(np.zeros((2, 2, 2), np.int64), 2, 1.0, seed=0)
+
+
+# --- inputs that used to hang or traceback (issue 17) ----------------------------------------
+
+def _run_isolated(code: str, timeout_s: float = 60.0) -> str:
+  """Runs `code` in a fresh interpreter and returns its stdout.
+
+  NumPy's Dirichlet sampler loops in C and ignores signals, so a hang cannot
+  be interrupted in-process; a child can be killed. A hang fails the test.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests.conftest import REPO_ROOT  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run([sys.executable, "-c", code], cwd=str(REPO_ROOT), capture_output=True,
+                        text=True, timeout=timeout_s, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return proc.stdout
+
+
+@pytest.mark.parametrize("alpha", [1e-4, 1e-10, 1e-12, 1e-300, 5e-324])
+def test_vanishing_alpha_is_refused_not_sampled(alpha):
+  out = _run_isolated(f"""
+import numpy as np
+from tff_dpmed.data import partition
+from tff_dpmed.errors import UsageError
+try:
+  partition.partition_dirichlet(np.repeat(np.arange(3), 10), 10, {alpha!r}, seed=0)
+except UsageError as e:
+  print("UsageError:", e)
+""")
+  assert out.startswith("UsageError: Dirichlet alpha") and out.count("\n") == 1
+  assert "below the smallest supported value 0.001" in out
+  assert "--dirichlet_alpha=0.001" in out
+
+
+def test_smallest_alpha_is_quick_and_valid():
+  labels = np.repeat(np.arange(14), 50)
+  out = _run_isolated("""
+import numpy as np
+from tff_dpmed.data import partition
+parts = partition.partition_dirichlet(np.repeat(np.arange(14), 50), 500, partition.MIN_ALPHA, 0)
+print(sum(len(p) for p in parts), min(len(p) for p in parts))
+""", timeout_s=60)
+  assert out.split() == [str(len(labels)), "1"]
+
+
+@pytest.mark.parametrize("alpha", [1e7, 1e300, 1.7e308])
+def test_huge_alpha_is_refused(alpha):
+  # ~1e308 made the sampler return all-zero proportions: everything on one client.
+  with pytest.raises(UsageError, match="above the largest supported value") as e:
+    partition.partition_dirichlet(np.repeat(np.arange(3), 10), 10, alpha, seed=0)
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("seed", [-1, 2.5, "1", None, True])
+@pytest.mark.parametrize("fn", [
+    lambda s: partition.partition_iid(10, 2, seed=s),
+    lambda s: partition.partition_dirichlet(np.arange(10) % 2, 2, 1.0, seed=s),
+])
+def test_bad_seed(fn, seed):
+  with pytest.raises(UsageError, match="seed must be a non-negative integer") as e:
+    fn(seed)
+  assert "\n" not in str(e.value)
+
+
+def test_too_many_label_groups_is_refused_not_slow():
+  labels = np.arange(200_000) * 7  # Example ids passed as labels: one class each.
+  with pytest.raises(UsageError, match="200000 distinct classes") as e:
+    partition.partition_dirichlet(labels, 1000, 0.5, seed=0)
+  assert "\n" not in str(e.value)

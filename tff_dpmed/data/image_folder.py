@@ -14,10 +14,12 @@ images are then replicated to 3 channels); alpha channels are dropped and
 """
 
 import os
+import stat
 
 import numpy as np
 from PIL import Image
 
+from tff_dpmed.data import guards
 from tff_dpmed.data.types import DatasetInfo, ImageSplits
 from tff_dpmed.errors import UsageError
 
@@ -30,24 +32,40 @@ _UNSUPPORTED_MODES = ("I", "F")  # 32-bit: no range to map to 8 bits.
 _IGNORED_FILES = ("thumbs.db", "desktop.ini")
 
 
+_LINK_FIX = "remove the link or point it at a real file or folder"
+
+
+def _entries(path: str) -> list[tuple[str, str, os.stat_result]]:
+  """(name, path, stat) of the visible entries of a folder, sorted by name.
+
+  Stats follow symbolic links (linked class folders and images work), and a
+  link loop or broken link is a UsageError here, before anything is opened.
+  """
+  out = []
+  for entry in sorted(os.scandir(path), key=lambda e: e.name):
+    if entry.name.startswith(".") or entry.name.lower() in _IGNORED_FILES:
+      continue
+    out.append((entry.name, entry.path, guards.stat_path(entry.path, _LINK_FIX)))
+  return out
+
+
 def _subdirs(path: str) -> list[str]:
-  return sorted(e.name for e in os.scandir(path)
-                if e.is_dir() and not e.name.startswith("."))
+  return [name for name, _, st in _entries(path) if stat.S_ISDIR(st.st_mode)]
 
 
 def _class_files(class_dir: str) -> list[str]:
   """The image files of one class folder, sorted; other files are an error."""
   files = []
-  for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
-    if entry.name.startswith(".") or entry.name.lower() in _IGNORED_FILES:
-      continue
-    if entry.is_dir():
-      raise UsageError(f"{entry.path} is a folder inside class folder {class_dir}: put the "
+  for name, path, st in _entries(class_dir):
+    if stat.S_ISDIR(st.st_mode):
+      raise UsageError(f"{path} is a folder inside class folder {class_dir}: put the "
                        "images of each class directly into its folder")
-    if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-      raise UsageError(f"{entry.path} is not a PNG or JPEG file: remove it or convert it "
+    if not name.lower().endswith(IMAGE_EXTENSIONS):
+      raise UsageError(f"{path} is not a PNG or JPEG file: remove it or convert it "
                        f"(accepted: {', '.join(IMAGE_EXTENSIONS)})")
-    files.append(entry.path)
+    # A FIFO named x.png would block Pillow's open() forever; a device never ends.
+    guards.require_regular_file(path, "remove it or replace it with a PNG/JPEG file")
+    files.append(path)
   if not files:
     raise UsageError(f"class folder {class_dir} has no images: add PNG/JPEG images or "
                      "remove the folder")
@@ -58,8 +76,8 @@ def _scan(root: str, what: str) -> dict[str, list[str]]:
   """class name -> image paths of one folder holding class sub-folders."""
   classes = _subdirs(root)
   if not classes:
-    loose = any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
-                for e in os.scandir(root))
+    loose = any(stat.S_ISREG(st.st_mode) and name.lower().endswith(IMAGE_EXTENSIONS)
+                for name, _, st in _entries(root))
     hint = " (it holds images directly)" if loose else ""
     raise UsageError(f"{what} {root} has no class sub-folders{hint}: put the images of "
                      "each class into their own sub-folder, e.g. normal/ and pneumonia/")
@@ -118,14 +136,10 @@ def load_image_folder(path: str, image_size: int, seed: int = 0) -> ImageSplits:
     UsageError: missing or empty folder, fewer than 2 classes, files that are
       not readable PNG/JPEG images, inconsistent split folders, too few images.
   """
-  if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) \
-      or image_size < 1:
-    raise UsageError(f"image size must be a positive integer, got {image_size!r}: pass "
-                     "e.g. --image_size=28")
+  image_size = guards.check_image_size(image_size)
+  seed = guards.check_seed(seed)
   root = os.path.abspath(os.path.expanduser(str(path)))
-  if not os.path.isdir(root):
-    raise UsageError(f"image folder {root} does not exist or is not a folder: pass "
-                     "folder:PATH with an existing folder")
+  guards.require_folder(root, "pass folder:PATH with an existing folder of images")
   top = _subdirs(root)
   split_dirs = [d for d in top if d in SPLIT_DIRS]
   if split_dirs:
@@ -162,6 +176,10 @@ def load_image_folder(path: str, image_size: int, seed: int = 0) -> ImageSplits:
   files = {s: [(f, class_names.index(c)) for c, fs in per_split[s].items() for f in fs]
            for s in SPLIT_DIRS}
   every = [f for s in SPLIT_DIRS for f, _ in files[s]]
+  # Before decoding anything: N x size x size x 3 uint8 must fit in memory.
+  guards.check_memory(len(every) * image_size * image_size * 3,
+                      f"{len(every)} images of {image_size}x{image_size} pixels",
+                      "pass a smaller --image_size")
   channels = 1 if all(_mode(f) in _GREY_MODES for f in every) else 3
   arrays = {}
   for split in SPLIT_DIRS:

@@ -11,6 +11,7 @@ rather than by MD5, which takes seconds for the 224 px files; pass
 """
 
 import dataclasses
+import math
 import os
 from typing import Optional
 import zipfile
@@ -19,6 +20,7 @@ import zlib
 import numpy as np
 
 from tff_dpmed.data import download as download_lib
+from tff_dpmed.data import guards
 from tff_dpmed.data.types import DatasetInfo, ImageSplits
 from tff_dpmed.errors import UsageError
 
@@ -219,14 +221,17 @@ def load_medmnist(name: str, image_size: int = 28, data_dir: Optional[str] = Non
   fname = file_name(spec.name, image_size)
   folder = resolve_data_dir(data_dir)
   path = os.path.join(folder, fname)
-  if not os.path.exists(path):
+  if not os.path.lexists(path):  # lexists: a broken link or link loop is reported below.
     if not download:
       raise UsageError(f"{fname} not found in {folder}: put the official file there, or "
                        "enable downloading (--download)")
     os.makedirs(folder, exist_ok=True)  # Only the default cache folder can be missing here.
     download_lib.download_file(file_url(spec.name, image_size), path,
                                md5=spec.md5[image_size], what=fname)
-  elif verify_md5:
+  # Before any open(): a FIFO would block forever, a folder or device is never an .npz.
+  guards.require_regular_file(path, f"replace it with the official {fname}, or delete it "
+                              "to download it again")
+  if verify_md5:
     got = download_lib.md5_of_file(path)
     if got != spec.md5[image_size]:
       raise UsageError(f"{path} has MD5 {got}, expected {spec.md5[image_size]}: it is not "
@@ -236,14 +241,14 @@ def load_medmnist(name: str, image_size: int = 28, data_dir: Optional[str] = Non
 
 def load_npz(path: str, spec: MedMNISTSpec, image_size: int) -> ImageSplits:
   """Reads and validates one MedMNIST-format .npz file (see `load_medmnist`)."""
-  arrays = _read_npz(path)
   redo = "delete it to download it again, or replace it with the official file"
-  for split in SPLITS:
-    for kind in ("images", "labels"):
-      if f"{split}_{kind}" not in arrays:
-        raise UsageError(f"{path} has no array '{split}_{kind}' (it has "
-                         f"{', '.join(sorted(arrays)) or 'none'}): it is not a MedMNIST "
-                         f"file; {redo}")
+  keys = [f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")]
+  arrays, names = _read_npz(path, keys)
+  for key in keys:
+    if key not in arrays:
+      raise UsageError(f"{path} has no array '{key}' (it has "
+                       f"{', '.join(sorted(names)) or 'none'}): it is not a MedMNIST "
+                       f"file; {redo}")
   images = _images_to_uint8(path, arrays, spec, image_size, redo)
   out = {}
   for split in SPLITS:
@@ -255,20 +260,103 @@ def load_npz(path: str, spec: MedMNISTSpec, image_size: int) -> ImageSplits:
   return ImageSplits(info=info, **out)
 
 
-def _read_npz(path: str) -> dict:
-  """All arrays of an .npz file; any unreadable file is a UsageError naming it."""
-  fix = "delete it and download it again (or copy the official file there)"
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # A member, or an empty archive.
+# Deflate cannot expand more than ~1032:1; more means a lying size field (zip bomb).
+_MAX_DEFLATE_RATIO = 1100
+_MAX_HEADER_BYTES = 10000  # NumPy's own default limit for .npy headers.
+
+
+def _npy_header(f, key: str, path: str, fix: str):
+  """(shape, dtype, header length) of a .npy stream, read without loading any data."""
+  fmt = np.lib.format
   try:
-    npz = np.load(path, allow_pickle=False)
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-      raise UsageError(f"{path} is a single .npy array, not an .npz archive: {fix}")
-    with npz:
-      return {k: npz[k] for k in npz.files}
-  except (zipfile.BadZipFile, zlib.error, ValueError, EOFError, OSError, KeyError) as e:
-    # Truncated downloads land here (BadZipFile, EOFError), as do pickled or
-    # non-NumPy files (ValueError).
+    version = fmt.read_magic(f)
+    if version == (1, 0):
+      shape, _, dtype = fmt.read_array_header_1_0(f, max_header_size=_MAX_HEADER_BYTES)
+    elif version == (2, 0):
+      shape, _, dtype = fmt.read_array_header_2_0(f, max_header_size=_MAX_HEADER_BYTES)
+    else:  # 3.0 (utf-8 field names) has no public reader; NumPy reads it like 2.0.
+      shape, _, dtype = fmt._read_array_header(  # pylint: disable=protected-access
+          f, version, max_header_size=_MAX_HEADER_BYTES)
+  except (ValueError, TypeError, SyntaxError, EOFError) as e:
+    detail = " ".join(str(e).split()) or type(e).__name__
+    raise UsageError(f"{path} is truncated or corrupt (array '{key}' has an unreadable "
+                     f".npy header: {detail}): {fix}") from None
+  return tuple(shape), dtype, f.tell()
+
+
+def _read_npz(path: str, keys) -> tuple[dict, list]:
+  """The arrays `keys` of an .npz file (those present) and the names of all its arrays.
+
+  Every header is checked before any array is allocated: the declared
+  shape x dtype must match the bytes the archive holds for it, those bytes
+  must fit in the file (and within deflate's maximum ratio), and the arrays
+  together must fit in memory. So a forged header is a one-line UsageError,
+  not a MemoryError. Pickled (object) arrays are refused, never loaded.
+  """
+  fix = "delete it and download it again (or copy the official file there)"
+  archive_bytes = os.path.getsize(path)
+  if archive_bytes == 0:
+    raise UsageError(f"{path} is empty (0 bytes), e.g. from an interrupted copy: {fix}")
+  with open(path, "rb") as f:
+    head = f.read(len(_NPY_MAGIC))
+  if head.startswith(_NPY_MAGIC):
+    raise UsageError(f"{path} is a single .npy array, not an .npz archive: {fix}")
+  if not head.startswith(_ZIP_MAGICS):
+    raise UsageError(f"{path} is truncated or corrupt (not a zip archive; it starts with "
+                     f"{head[:4]!r}): {fix}")
+  try:
+    with zipfile.ZipFile(path) as zf:
+      members = {i.filename[:-len(".npy")]: i for i in zf.infolist()
+                 if i.filename.endswith(".npy")}
+      wanted = [k for k in keys if k in members]
+      declared = 0
+      for key in wanted:
+        info = members[key]
+        with zf.open(info) as f:
+          shape, dtype, header_bytes = _npy_header(f, key, path, fix)
+        if dtype.hasobject:
+          raise UsageError(f"{path}: array '{key}' holds pickled Python objects ({dtype}), "
+                           "which tff_dpmed never loads: it is not a MedMNIST file; "
+                           f"{fix}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        stored = info.file_size - header_bytes
+        if nbytes != stored:
+          raise UsageError(
+              f"{path} is truncated or corrupt (array '{key}' declares shape {shape} of "
+              f"{dtype}, {guards.gib(nbytes)}, but the archive holds "
+              f"{guards.gib(max(stored, 0))} for it): {fix}")
+        if info.header_offset + info.compress_size > archive_bytes:
+          raise UsageError(
+              f"{path} is truncated or corrupt (array '{key}' claims "
+              f"{guards.gib(info.compress_size)} of compressed data, more than the whole "
+              f"{guards.gib(archive_bytes)} file): {fix}")
+        if (info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size) \
+            or (info.compress_type == zipfile.ZIP_DEFLATED
+                and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + (1 << 16)):
+          raise UsageError(
+              f"{path} is truncated or corrupt (array '{key}' claims to expand "
+              f"{guards.gib(info.compress_size)} of compressed data into "
+              f"{guards.gib(nbytes)}, more than zip compression can): {fix}")
+        declared += nbytes
+      guards.check_memory(declared, f"{path} (its arrays)",
+                          "use a smaller image size or dataset, or a machine with more "
+                          "memory")
+      arrays = {}
+      for key in wanted:
+        with zf.open(members[key]) as f:
+          arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
+      return arrays, list(members)
+  except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, ValueError, EOFError,
+          OSError, KeyError, NotImplementedError, RuntimeError) as e:
+    # Truncated downloads land here (BadZipFile, EOFError), as do unsupported
+    # compression (NotImplementedError) and encrypted archives (RuntimeError).
     detail = " ".join(str(e).split()) or type(e).__name__
     raise UsageError(f"{path} is truncated or corrupt ({detail}): {fix}") from e
+  except MemoryError:  # Headers passed the checks, but memory ran out meanwhile.
+    raise UsageError(f"not enough free memory to load {path}: close other programs or use "
+                     "a smaller image size or dataset") from None
 
 
 def _images_to_uint8(path, arrays, spec, image_size, redo) -> dict:

@@ -10,7 +10,17 @@ from typing import Sequence
 
 import numpy as np
 
+from tff_dpmed.data import guards
 from tff_dpmed.errors import UsageError
+
+# NumPy's Dirichlet sampler loops forever (uninterruptibly, in C) for alpha below
+# ~1e-10 and takes ~0.1 s per draw at 1e-8; at 1e-3 each class already lands on
+# about one client, so smaller values add nothing. Above 1e6 the split is IID
+# in all but name, and at ~1e308 the sampler returns all-zero proportions.
+MIN_ALPHA = 1e-3
+MAX_ALPHA = 1e6
+# Dirichlet draws = label groups x clients; beyond this a split takes minutes.
+MAX_DIRICHLET_DRAWS = 10**8
 
 
 def _check_counts(num_examples: int, num_clients: int) -> None:
@@ -34,7 +44,7 @@ def partition_iid(num_examples: int, num_clients: int, seed: int) -> list[np.nda
     UsageError: num_clients < 1 or larger than num_examples.
   """
   _check_counts(int(num_examples), num_clients)
-  order = np.random.default_rng(seed).permutation(int(num_examples))
+  order = np.random.default_rng(guards.check_seed(seed)).permutation(int(num_examples))
   return [np.sort(part).astype(np.int64) for part in np.array_split(order, num_clients)]
 
 
@@ -79,8 +89,8 @@ def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
   as possible.
 
   Raises:
-    UsageError: alpha not a positive finite number, num_clients < 1 or larger
-      than the number of examples, or unusable labels.
+    UsageError: alpha not a finite number in [MIN_ALPHA, MAX_ALPHA], num_clients
+      < 1 or larger than the number of examples, a bad seed, or unusable labels.
   """
   groups = partition_groups(labels)
   try:
@@ -92,12 +102,31 @@ def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
     raise UsageError(f"Dirichlet alpha must be a positive finite number, got {alpha}: pass "
                      "e.g. --dirichlet_alpha=0.5 (smaller = more label skew), or use the "
                      "IID split")
+  if alpha < MIN_ALPHA:
+    raise UsageError(f"Dirichlet alpha {alpha:g} is below the smallest supported value "
+                     f"{MIN_ALPHA:g} (NumPy's sampler stalls near 0): pass "
+                     f"--dirichlet_alpha={MIN_ALPHA:g} or more; at {MIN_ALPHA:g} each class "
+                     "already goes to about one client")
+  if alpha > MAX_ALPHA:
+    raise UsageError(f"Dirichlet alpha {alpha:g} is above the largest supported value "
+                     f"{MAX_ALPHA:g}: pass a smaller --dirichlet_alpha, or use the IID "
+                     "split, which large alpha only approximates")
   _check_counts(len(groups), num_clients)
+  seed = guards.check_seed(seed)
+  unique_groups = np.unique(groups)
+  if len(unique_groups) * num_clients > MAX_DIRICHLET_DRAWS:
+    raise UsageError(f"labels have {len(unique_groups)} distinct classes, too many for a "
+                     f"Dirichlet split over {num_clients} clients: pass class indices (not "
+                     "ids), fewer --num_clients, or use the IID split")
   rng = np.random.default_rng(seed)
   shares: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-  for group in np.unique(groups):
+  for group in unique_groups:
     members = rng.permutation(np.flatnonzero(groups == group))
     proportions = rng.dirichlet(np.full(num_clients, alpha))
+    if not (np.isfinite(proportions).all() and abs(proportions.sum() - 1.0) < 1e-6):
+      # Never seen within [MIN_ALPHA, MAX_ALPHA]; a wrong split must not pass silently.
+      raise UsageError(f"the Dirichlet sampler returned unusable proportions for alpha "
+                       f"{alpha:g}: pass a --dirichlet_alpha between 0.01 and 100")
     cuts = np.round(np.cumsum(proportions)[:-1] * len(members)).astype(np.int64)
     for client, part in enumerate(np.split(members, cuts)):
       if part.size:
@@ -108,7 +137,11 @@ def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
 
 
 def _fill_empty_clients(parts: list[np.ndarray], rng: np.random.Generator) -> None:
-  """Moves one random example from the largest client into each empty one, in place."""
+  """Moves one random example from the largest client into each empty one, in place.
+
+  One pass, one move per empty client (no retry loop): it ends because
+  num_clients <= num_examples guarantees a donor with >= 2 examples.
+  """
   sizes = np.array([p.size for p in parts])
   for client in np.flatnonzero(sizes == 0):
     donor = int(np.argmax(sizes))  # Has >= 2 examples while any client is empty.

@@ -11,19 +11,26 @@ val; one without 'test' likewise gets another 10% of 'train' as test. Both are
 logged, never silent.
 """
 
+import contextlib
 import os
+import shutil
+import tempfile
 from typing import Optional
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from tff_dpmed.data import guards
 from tff_dpmed.data.types import DatasetInfo, ImageSplits
 from tff_dpmed.errors import UsageError
 
 HELD_OUT_FRACTION = 0.1
 _READ_BATCH = 512
 _CATALOG = "https://www.tensorflow.org/datasets/catalog/overview"
+# Retries per URL. TFDS's default (10, with exponential backoff) spent ~215 s
+# failing when offline; 2 still rides out a transient error.
+DOWNLOAD_RETRIES = 2
 
 
 def _first_line(e: BaseException) -> str:
@@ -92,6 +99,78 @@ def _read_split(builder, split: str, image_size: int, channels: int):
   return np.concatenate(images), np.concatenate(labels)
 
 
+@contextlib.contextmanager
+def _bounded_retries():
+  """Lowers TFDS's per-URL retry count (a module global) while downloading."""
+  from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
+  old = getattr(downloader, "MAX_RETRIES", None)
+  if not isinstance(old, int):  # Another TFDS version: leave it alone.
+    yield
+    return
+  downloader.MAX_RETRIES = min(old, DOWNLOAD_RETRIES)
+  try:
+    yield
+  finally:
+    downloader.MAX_RETRIES = old
+
+
+def _first_missing(root: str, target: str) -> Optional[str]:
+  """The topmost folder on the path root -> target that does not exist yet (or None)."""
+  path = os.path.abspath(root)
+  rel = os.path.relpath(os.path.abspath(target), path)
+  parts = [] if rel == "." else rel.split(os.sep)
+  if not os.path.lexists(path):
+    return path
+  for part in parts:
+    path = os.path.join(path, part)
+    if not os.path.lexists(path):
+      return path
+  return None
+
+
+def _download_and_prepare(builder, name: str) -> None:
+  """Downloads and prepares `builder`; on any failure (or Ctrl-C) leaves nothing behind.
+
+  Downloads go to a private temporary folder inside the data folder, removed
+  afterwards in every case (TFDS would keep `.tmp` files in its shared
+  `downloads/` folder after a failure). Folders the preparation created for
+  the dataset are removed if it fails. Retries are bounded (DOWNLOAD_RETRIES),
+  so being offline fails within seconds.
+  """
+  root, target = os.fspath(builder.data_dir_root), os.fspath(builder.data_dir)
+  created = _first_missing(root, target)
+  parent = os.path.dirname(target)
+  siblings = set(os.listdir(parent)) if os.path.isdir(parent) else set()
+  ok = False
+  try:
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tff_dpmed-download-", dir=root)
+  except OSError as e:
+    raise UsageError(f"cannot write into TFDS data directory {root} ({e.strerror or e}): "
+                     "make it writable or pass another --data_dir") from None
+  try:
+    with _bounded_retries():
+      builder.download_and_prepare(download_dir=tmp)
+    ok = True
+  except Exception as e:  # pylint: disable=broad-except
+    # Network, manual-download and disk errors come as many types; all mean
+    # the user must provide the data.
+    raise UsageError(
+        f"could not download/prepare TFDS dataset '{name}' into {builder.data_dir} "
+        f"({type(e).__name__}: {_first_line(e)}): check the network, or prepare it "
+        f"with `tfds build {name}` and pass its --data_dir") from e
+  finally:  # Also on Ctrl-C.
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not ok:
+      if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+      elif os.path.isdir(parent):  # e.g. '3.0.1.incomplete<id>' next to other versions.
+        version = os.path.basename(target)
+        for entry in set(os.listdir(parent)) - siblings:
+          if entry.startswith(version):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
 def load_tfds(name: str, image_size: int, data_dir: Optional[str] = None,
               download: bool = True, seed: int = 0) -> ImageSplits:
   """Loads TFDS dataset `name` as uint8 square images of `image_size` pixels.
@@ -110,10 +189,8 @@ def load_tfds(name: str, image_size: int, data_dir: Optional[str] = None,
   name = name.strip()
   if not name:
     raise UsageError("empty TFDS dataset name: use e.g. tfds:mnist")
-  if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) \
-      or image_size < 1:
-    raise UsageError(f"image size must be a positive integer, got {image_size!r}: pass "
-                     "e.g. --image_size=28")
+  image_size = guards.check_image_size(image_size)
+  seed = guards.check_seed(seed)
   if data_dir is not None:
     data_dir = os.path.abspath(os.path.expanduser(str(data_dir)))
     if not os.path.isdir(data_dir):
@@ -125,19 +202,12 @@ def load_tfds(name: str, image_size: int, data_dir: Optional[str] = None,
   builder = _builder(tfds, name, data_dir)
   # Checked before downloading: a text dataset should not cost a download first.
   image_key, label_key = _feature_keys(tfds, name, builder.info)
-  if download:
-    try:
-      builder.download_and_prepare()
-    except Exception as e:  # pylint: disable=broad-except
-      # Network, manual-download and disk errors come as many types; all mean
-      # the user must provide the data.
-      raise UsageError(
-          f"could not download/prepare TFDS dataset '{name}' into {builder.data_dir} "
-          f"({type(e).__name__}: {_first_line(e)}): check the network, or prepare it "
-          f"with `tfds build {name}` and pass its --data_dir") from e
-  elif not builder.is_prepared():
-    raise UsageError(f"TFDS dataset '{name}' is not prepared in {builder.data_dir}: enable "
-                     f"downloading (--download), or prepare it with `tfds build {name}`")
+  if not builder.is_prepared():  # Prepared data is read as is: no network at all.
+    if not download:
+      raise UsageError(f"TFDS dataset '{name}' is not prepared in {builder.data_dir}: "
+                       f"enable downloading (--download), or prepare it with `tfds build "
+                       f"{name}`")
+    _download_and_prepare(builder, name)
   info = builder.info  # Now with the split sizes of the prepared data.
   channels = int(info.features[image_key].shape[-1])
   label_feature = info.features[label_key]

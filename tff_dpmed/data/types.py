@@ -4,6 +4,8 @@ import dataclasses
 
 import numpy as np
 
+from tff_dpmed.data import fingerprint as fingerprint_lib
+
 TASKS = ("binary-class", "multi-class", "multi-label", "ordinal-regression")
 
 
@@ -50,3 +52,11 @@ class ImageSplits:
   val_labels: np.ndarray
   test_images: np.ndarray
   test_labels: np.ndarray
+
+  def train_fingerprint(self) -> str:
+    """Hex SHA-256 of the train images and labels (bytes, shapes, dtypes).
+
+    Stable across loads of the same data; changes with any pixel or label.
+    The trainer stores it to refuse resuming a run on changed data.
+    """
+    return fingerprint_lib.train_fingerprint(self)
