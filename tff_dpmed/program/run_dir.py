@@ -9,7 +9,6 @@ same privacy settings and the same data, or needs `--restart`.
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -58,15 +57,6 @@ def sampling_seed(cfg: RunConfig) -> Optional[int]:
   return None
 
 
-def data_fingerprint(splits: ImageSplits) -> str:
-  """sha256 of the training split (shapes, dtypes and bytes of images and labels)."""
-  digest = hashlib.sha256()
-  for array in (splits.train_images, splits.train_labels):
-    digest.update(f"{array.shape}{array.dtype}".encode())
-    digest.update(memoryview(array).cast("B") if array.flags.c_contiguous else array.tobytes())
-  return digest.hexdigest()
-
-
 class RunFolder:
   """Takes a run folder for one run: locks it, checks what it holds, writes config.json."""
 
@@ -91,7 +81,7 @@ class RunFolder:
     self._take_lock()
     try:
       # Everything the folder holds is checked before anything in it is written.
-      fingerprint = data_fingerprint(self._splits)
+      fingerprint = self._splits.train_fingerprint()
       old = self._read_config()
       if cfg.restart:
         self._clear()
