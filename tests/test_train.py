@@ -66,7 +66,13 @@ def _rows(run_dir):
 
 def _summary(run_dir):
   with open(os.path.join(run_dir, "summary.json")) as f:
-    return json.load(f)
+    return _strict_json(f.read())
+
+
+def _strict_json(text: str):
+  def reject(name):
+    raise AssertionError(f"non-standard JSON constant {name}")
+  return json.loads(text, parse_constant=reject)
 
 
 # Poisson cases are seeded: with 6 clients at q=0.5 an unseeded round is empty
@@ -88,12 +94,17 @@ def test_two_round_run_writes_every_output(mode_flags, data_dir, tmp_path):
   rows = _rows(run_dir)
   assert [int(r["round"]) for r in rows] == [1, 2]
   assert tuple(rows[0].keys()) == COLUMNS
-  assert all(math.isfinite(float(r["train_loss"])) for r in rows)
+  dp_mode = mode_flags[0].split("=")[1]
+  if dp_mode == "none":
+    assert all(math.isfinite(float(r["train_loss"])) for r in rows)
+  else:
+    # Per-client train values, cohort sizes and timings are outside epsilon: not released.
+    for column in ("train_loss", "train_accuracy", "clients", "round_seconds"):
+      assert {r[column] for r in rows} == {""}, column
   assert all(0 <= float(r["val_auc"]) <= 1 for r in rows)
   summary = _summary(run_dir)
   assert 0 <= summary["test_auc"] <= 1 and 0 <= summary["test_accuracy"] <= 1
   privacy = summary["privacy"]
-  dp_mode = mode_flags[0].split("=")[1]
   assert privacy["dp_mode"] == dp_mode
   if dp_mode == "none":
     assert privacy["epsilon"] is None and rows[-1]["epsilon"] == ""
@@ -111,7 +122,8 @@ def test_two_round_run_writes_every_output(mode_flags, data_dir, tmp_path):
     assert privacy["accountant"] in ("rdp", "pld")
     assert float(rows[0]["clip_norm"]) > 0
   assert f"epsilon" in proc.stdout and "test AUC" in proc.stdout
-  assert json.loads(proc.stdout.strip().splitlines()[-1])["test_auc"] == summary["test_auc"]
+  assert _strict_json(proc.stdout.strip().splitlines()[-1])["test_auc"] == summary["test_auc"]
+  _strict_json((run_dir / "summary.json").read_text())
   # TensorBoard curves and the TF Serving export.
   tb = run_dir / "tensorboard"
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb))
@@ -135,7 +147,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path):
   # noise), so the resumed run must match the uninterrupted one exactly, and
   # its epsilon depends on the restored sampler and ledger.
   flags = ["--rounds=4", "--rounds_per_checkpoint=1", "--seed=7", "--dp_mode=local",
-           "--noise_multiplier=2.0", "--clip_mode=fixed", "--clip=1.0"]
+           "--noise_multiplier=2.0", "--clip_mode=fixed", "--clip=1.0",
+           "--insecure_reproducible_sampling"]
   _run(_train_cmd(data_dir, tmp_path, "straight", *flags))
   straight = tmp_path / "straight"
 
@@ -160,10 +173,17 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path):
   killed = tmp_path / "killed"
   assert [int(r["round"]) for r in _rows(killed)] == [1, 2, 3, 4]
   a, b = _summary(straight), _summary(killed)
-  assert b["privacy"]["epsilon"] == pytest.approx(a["privacy"]["epsilon"], rel=1e-9)
+  # A round that ran after the last checkpoint and before the kill ran twice: both
+  # count (test_rounds_rerun_after_a_crash_are_accounted checks the exact figure).
+  if b["privacy"]["rounds_accounted"] == 4:
+    assert b["privacy"]["epsilon"] == pytest.approx(a["privacy"]["epsilon"], rel=1e-9)
+  else:
+    assert b["privacy"]["rounds_accounted"] > 4
+    assert b["privacy"]["epsilon"] > a["privacy"]["epsilon"]
   for wa, wb in zip(artifacts.load_final_weights(straight), artifacts.load_final_weights(killed)):
     np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
-  assert [r["epsilon"] for r in _rows(killed)] == [r["epsilon"] for r in _rows(straight)]
+  if b["privacy"]["rounds_accounted"] == 4:
+    assert [r["epsilon"] for r in _rows(killed)] == [r["epsilon"] for r in _rows(straight)]
   assert _stray_workers() == []
 
 
@@ -185,10 +205,9 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(data_dir, tmp_p
 
 def test_max_epsilon_stops_before_the_round_that_would_exceed_it(data_dir, tmp_path):
   from tff_dpmed.privacy import accounting
-  setting = accounting.PrivacySetting(
-      dp_mode="central", noise_multiplier=1.1, num_clients=6, clients_per_round=3,
-      sampling="poisson", delta=accounting.default_delta(6), accountant="auto",
-      adaptive_clipping=False)
+  from tff_dpmed.privacy.spec import DPSpec
+  setting = DPSpec(mode="central", noise_multiplier=1.1, num_clients=6, clients_per_round=3,
+                   sampling="poisson", accountant="auto", clip_mode="fixed", clip=1.0)
   eps2, eps3 = (accounting.epsilon_for_rounds(setting, r) for r in (2, 3))
   budget = (eps2 + eps3) / 2
   _run(_train_cmd(data_dir, tmp_path, "run", "--rounds=5", "--dp_mode=central",
@@ -219,3 +238,86 @@ def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(data_dir, tmp_p
   assert "Traceback" not in proc.stderr
   # Nothing was rewritten: starting over silently would reset metrics and the ledger.
   assert _rows(tmp_path / "run") == rows_before
+  # The first rerun moved the unreadable checkpoints aside; a second one still refuses,
+  # because the folder's ledger says rounds were released.
+  again = subprocess.run(_train_cmd(data_dir, tmp_path, "run", "--rounds=2", *flags),
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 2, again.stderr[-2000:]
+  errors = [l for l in again.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "released 1 rounds" in errors[0] and "--restart" in errors[0]
+  assert _rows(tmp_path / "run") == rows_before
+  _run(_train_cmd(data_dir, tmp_path, "run", "--rounds=2", "--restart", *flags))
+  assert [int(r["round"]) for r in _rows(tmp_path / "run")] == [1, 2]
+
+
+def _error_line(proc) -> str:
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  return errors[0]
+
+
+def test_resume_refuses_other_privacy_settings_or_data(data_dir, tmp_path):
+  local = ["--dp_mode=local", "--clip_mode=fixed", "--clip=1.0", "--rounds_per_checkpoint=1"]
+  _run(_train_cmd(data_dir, tmp_path, "run", "--rounds=1", "--noise_multiplier=5", *local))
+  run_dir = tmp_path / "run"
+  ledger_before = (run_dir / "privacy_ledger.json").read_bytes()
+  # The reproduction: config.json deleted, then resumed with less noise.
+  os.remove(run_dir / "config.json")
+  message = _error_line(subprocess.run(
+      _train_cmd(data_dir, tmp_path, "run", "--rounds=2", "--noise_multiplier=0.5", *local),
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600))
+  assert "other privacy settings" in message and "noise_multiplier" in message
+  assert (run_dir / "privacy_ledger.json").read_bytes() == ledger_before
+  # Other data: the same file name with one changed pixel.
+  other = tmp_path / "other_data"
+  other.mkdir()
+  with np.load(os.path.join(data_dir, "breastmnist.npz"), allow_pickle=False) as f:
+    arrays = {k: f[k].copy() for k in f.files}
+  arrays["train_images"][0, 0, 0] ^= 1
+  np.savez(other / "breastmnist.npz", **arrays)
+  cmd = _train_cmd(data_dir, tmp_path, "run", "--rounds=2", "--noise_multiplier=5", *local)
+  cmd[cmd.index(f"--data_dir={data_dir}")] = f"--data_dir={other}"
+  _run(_train_cmd(data_dir, tmp_path, "run", "--rounds=1", "--noise_multiplier=5", *local))
+  message = _error_line(subprocess.run(cmd + ["--download=false"], cwd=REPO_ROOT,
+                                       capture_output=True, text=True, timeout=600))
+  assert "other data" in message and "--restart" in message
+
+
+def test_rounds_rerun_after_a_crash_are_accounted(data_dir, tmp_path):
+  # Every round executed counts, including those after the last checkpoint that a
+  # resumed run executes again with fresh noise.
+  from tff_dpmed.privacy import accounting
+  from tff_dpmed.privacy.spec import DPSpec
+  flags = ["--rounds=4", "--rounds_per_checkpoint=2", "--dp_mode=central",
+           "--noise_multiplier=2.0", "--clip_mode=fixed", "--clip=1.0", "--sampling=all",
+           "--clients_per_round=6"]
+  cmd = _train_cmd(data_dir, tmp_path, "run", *flags)
+  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  run_dir = tmp_path / "run"
+  try:
+    _wait_for_rows(run_dir, 3, proc)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  with open(run_dir / "privacy_ledger.json") as f:
+    executed = json.load(f)["ledger"]["rounds"]
+  assert executed >= 3
+  resumed = _run(cmd)
+  assert "stay accounted" in resumed.stderr
+  summary = _summary(run_dir)
+  accounted = executed + (4 - 2)  # Rounds 3 and 4 run again from the round-2 checkpoint.
+  assert summary["privacy"]["rounds_accounted"] == accounted
+  spec = DPSpec(mode="central", noise_multiplier=2.0, num_clients=6, clients_per_round=6,
+                sampling="all", clip_mode="fixed", clip=1.0)
+  assert summary["privacy"]["epsilon"] == pytest.approx(
+      accounting.epsilon_for_rounds(spec, accounted), rel=1e-9)
+  assert float(_rows(run_dir)[-1]["epsilon"]) == pytest.approx(summary["privacy"]["epsilon"])
+  # TensorBoard shows the same rounds as metrics.csv: rebuilt from it on resume.
+  from tensorboard.backend.event_processing import event_accumulator
+  tb = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"))
+  tb.Reload()
+  steps = sorted({e.step for tag in tb.Tags()["tensors"] for e in tb.Tensors(tag)})
+  assert steps == [1, 2, 3, 4]

@@ -41,6 +41,8 @@ class Mechanism(abc.ABC):
   # Whether an observer sees only the aggregate of a sampled cohort, so that
   # sampling amplifies privacy (False: each release is seen on its own).
   amplified_by_sampling: ClassVar[bool] = True
+  # Whether the run states an (epsilon, delta) at all (not for the baseline).
+  states_guarantee: ClassVar[bool] = True
 
   def __init__(self, spec: DPSpec):
     if spec.mode is not self.mode:
@@ -122,6 +124,7 @@ class NoDP(Mechanism):
   """No clipping, no noise: the non-private baseline."""
 
   mode = DPMode.NONE
+  states_guarantee = False
 
   def release_event(self) -> dp_accounting.DpEvent:
     return dp_accounting.NonPrivateDpEvent()

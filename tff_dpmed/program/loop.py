@@ -166,7 +166,8 @@ def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
         state.learning_state = output.state
         state.round += 1
         state.sampler = parts.sampler.get_state()
-        row["epsilon"] = parts.ledger.epsilon()
+        if parts.mechanism.states_guarantee:
+          row["epsilon"] = parts.ledger.epsilon()
         if new_best:
           state.best_round, state.best_val_auc, state.best_weights = new_best
         parts.metrics_log.write(row)
@@ -203,7 +204,7 @@ def _round_row(round_num: int, metrics, participants, parts: LoopParts,
                settings: LoopSettings) -> dict:
   row = {"round": round_num,
          "clip_norm": parts.mechanism.clip_norm(metrics.get("aggregator", {})),
-         "delta": parts.ledger.spec.delta if parts.mechanism.is_private else None}
+         "delta": parts.ledger.spec.delta if parts.mechanism.states_guarantee else None}
   if settings.write_unaccounted_metrics:
     train = metrics["client_work"]["train"]
     row.update(clients=len(participants),

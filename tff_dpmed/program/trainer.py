@@ -282,7 +282,7 @@ def _eager_model(cfg: RunConfig, info, weights):
 
 def _privacy_summary(mechanism: mechanisms.Mechanism, ledger: PrivacyLedger) -> dict:
   spec = mechanism.spec
-  if spec.mode is DPMode.NONE:
+  if not mechanism.states_guarantee:
     return {"dp_mode": "none", "epsilon": None, "delta": None,
             "guarantee": "none: no differential privacy"}
   return {"dp_mode": spec.mode.value, "epsilon": ledger.epsilon(), "delta": spec.delta,
