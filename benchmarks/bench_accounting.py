@@ -17,14 +17,15 @@ from absl import flags
 
 from tff_dpmed.privacy import accounting
 from tff_dpmed.privacy import calibration
+from tff_dpmed.privacy.ledger import PrivacyLedger
+from tff_dpmed.privacy.spec import DPSpec
 
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Repetitions per case (median reported).")
 _ROUNDS = flags.DEFINE_integer("rounds", 10_000, "Training rounds to account for.")
 EPSILON_TARGET_S = 2.0
 
-BASE = accounting.PrivacySetting(
-    dp_mode="central", noise_multiplier=1.2, num_clients=3383, clients_per_round=120,
-    sampling="poisson", delta=1e-5, accountant="rdp", adaptive_clipping=True)
+BASE = DPSpec(mode="central", noise_multiplier=1.2, num_clients=3383, clients_per_round=120,
+              sampling="poisson", delta=1e-5, accountant="rdp", clip_mode="adaptive")
 
 
 def _cases(rounds: int) -> list[tuple[str, Callable[[], float]]]:
@@ -41,7 +42,7 @@ def _cases(rounds: int) -> list[tuple[str, Callable[[], float]]]:
     s = dataclasses.replace(BASE, **overrides)
 
     def go():
-      ledger = accounting.PrivacyLedger(s)
+      ledger = PrivacyLedger(s)
       for _ in range(n):
         ledger.record_round(range(s.clients_per_round))
         ledger.epsilon()
@@ -53,7 +54,7 @@ def _cases(rounds: int) -> list[tuple[str, Callable[[], float]]]:
       (f"epsilon, PLD, poisson, {rounds} rounds", eps(accountant="pld")),
       (f"epsilon, RDP, fixed (w/o replacement), {rounds} rounds", eps(sampling="fixed")),
       (f"epsilon, PLD, local DP z=8, {rounds} rounds",
-       eps(dp_mode="local", adaptive_clipping=False, noise_multiplier=8.0, accountant="pld")),
+       eps(mode="local", clip_mode="fixed", noise_multiplier=8.0, accountant="pld")),
       (f"calibrate z for epsilon=8, RDP, poisson, {rounds} rounds", calib(8.0)),
       (f"calibrate z for epsilon=8, PLD, poisson, {rounds} rounds", calib(8.0, accountant="pld")),
       (f"calibrate z for epsilon=8, RDP, fixed, {rounds} rounds", calib(8.0, sampling="fixed")),

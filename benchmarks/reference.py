@@ -13,8 +13,8 @@ one process and one `tf.function` per round, without TFF:
 
 This is TFF's DifferentiallyPrivateFactory.gaussian_adaptive (TF Privacy's
 QuantileAdaptiveClipSumQuery in a NormalizedQuery) and FedAvg with TFF's sgdm
-optimizers, written out. z_v and s are what the library's aggregator chose
-(`aggregators.build_model_aggregator`), so the noise is the same too.
+optimizers, written out. z_v and s are what the library's mechanism chose
+(`mechanisms.CentralGaussian.noise_choices`), so the noise is the same too.
 """
 
 import collections
@@ -24,14 +24,14 @@ import numpy as np
 import tensorflow as tf
 
 from tff_dpmed import models
-from tff_dpmed.privacy import aggregators
-from tff_dpmed.privacy.dp_config import DPConfig
+from tff_dpmed.privacy import mechanisms
+from tff_dpmed.privacy.spec import DPMode, DPSpec
 
 
 class ReferenceDPFedAvg:
   """Server state in tf.Variables; `round(client_ids)` runs one round in one tf.function."""
 
-  def __init__(self, model_name: str, info, dataset_fn, dp: DPConfig,
+  def __init__(self, model_name: str, info, dataset_fn, dp: DPSpec,
                client_learning_rate: float, server_learning_rate: float,
                server_momentum: float, initial_weights: Optional[Sequence[np.ndarray]] = None,
                noise_seed: Optional[int] = None):
@@ -40,17 +40,17 @@ class ReferenceDPFedAvg:
       model_name, info: the model, built by the library (`models.build_model`).
       dataset_fn: client id (tf.string scalar) -> that client's tf.data.Dataset
         of OrderedDict(x, y) batches, e.g. ClientData.serializable_dataset_fn.
-      dp: central DP settings (adaptive or fixed clipping).
+      dp: a central-DP spec (adaptive or fixed clipping), noise multiplier set.
       initial_weights: trainable weights to start from; default: the model's.
       noise_seed: seeds the DP noise (for tests); None draws it non-deterministically.
     """
-    if dp.mode != "central":
-      raise ValueError(f"the reference implements central DP only, not {dp.mode!r}")
-    _, choices = aggregators.build_model_aggregator(dp)
-    self.adaptive = dp.clip_mode == "adaptive"
+    if dp.mode is not DPMode.CENTRAL:
+      raise ValueError(f"the reference implements central DP only, not {dp.mode.value!r}")
+    choices = mechanisms.for_spec(dp).noise_choices()
+    self.adaptive = dp.adaptive
     self.value_noise_multiplier = float(choices["value_noise_multiplier"])
     self.clipped_count_stddev = float(choices.get("clipped_count_stddev") or 0.0)
-    self.expected_clients = float(dp.expected_clients_per_round)
+    self.expected_clients = float(dp.clients_per_round)
     self.target_quantile = float(dp.target_unclipped_quantile)
     self.clip_learning_rate = float(dp.adaptive_clip_learning_rate)
     self.client_lr = float(client_learning_rate)
@@ -146,5 +146,5 @@ def from_workload(work, noise_seed: Optional[int] = None) -> ReferenceDPFedAvg:
   cfg = work.run.config
   return ReferenceDPFedAvg(
       cfg.model, work.run.splits.info, work.federated_data.serializable_dataset_fn,
-      work.run.dp, cfg.client_learning_rate, cfg.server_learning_rate, cfg.server_momentum,
+      work.run.mechanism.spec, cfg.client_learning_rate, cfg.server_learning_rate, cfg.server_momentum,
       initial_weights=work.initial_weights, noise_seed=noise_seed)

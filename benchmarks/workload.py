@@ -36,7 +36,7 @@ def run_config(data_dir: Optional[str], num_clients: int, clients_per_round: int
                   noise_multiplier=NOISE_MULTIPLIER, sampling="fixed", seed=0,
                   output_dir=tempfile.gettempdir())
   settings.update(overrides)
-  return RunConfig(**settings)
+  return RunConfig.from_json(settings)
 
 
 def resample_clients(run, num_clients: int, copy_images: bool = False, seed: int = 0):
@@ -58,8 +58,11 @@ def resample_clients(run, num_clients: int, copy_images: bool = False, seed: int
     picks = np.arange(len(picks))
   partitions = [np.sort(picks[i * per_client:(i + 1) * per_client]).astype(np.int64)
                 for i in range(num_clients)]
-  config = dataclasses.replace(run.config, num_clients=num_clients)
-  return dataclasses.replace(run, config=config, splits=splits, partitions=partitions)
+  from tff_dpmed.privacy import mechanisms  # pylint: disable=g-import-not-at-top
+  # delta=None: the default for the new number of clients, as a fresh run would get.
+  config = run.config.replace(num_clients=num_clients, delta=None)
+  return dataclasses.replace(run, config=config, splits=splits, partitions=partitions,
+                             mechanism=mechanisms.for_spec(config.dp))
 
 
 def prepare(data_dir: Optional[str], num_clients: int, clients_per_round: int,
@@ -70,7 +73,7 @@ def prepare(data_dir: Optional[str], num_clients: int, clients_per_round: int,
   resample: None splits the real training set IID over `num_clients`;
   "shared" or "copied" makes `num_clients` resampled clients (see
   `resample_clients`: shared images, or copies per client).
-  overrides: RunConfig fields, e.g. noise_multiplier=0.0.
+  overrides: flat, flag-named RunConfig fields, e.g. noise_multiplier=0.0.
   """
   from tff_dpmed import models  # pylint: disable=g-import-not-at-top
   from tff_dpmed.data import client_data as client_data_lib  # pylint: disable=g-import-not-at-top
@@ -91,13 +94,21 @@ def prepare(data_dir: Optional[str], num_clients: int, clients_per_round: int,
   return Workload(run, federated_data, initial, {"data": t1 - t0, "client_data": t2 - t1})
 
 
+def releases_client_metrics(work: Workload) -> bool:
+  """The trainer's rule: per-client train metrics leave the clients only without DP
+  (or with --debug_metrics), since no DP mechanism covers them."""
+  cfg = work.run.config
+  return cfg.dp.mode.value == "none" or cfg.debug_metrics
+
+
 def build_tff_process(work: Workload, loop: Optional[str] = None, compose: bool = True):
   """The learning process the trainer runs, built by the library (see trainer).
 
   Levers (defaults = the trainer): `loop` names TFF's client loop
   (DATASET_REDUCE, DATASET_ITERATOR; None: the library's choice); compose=False
   leaves the dataset computation out, so each round takes client datasets
-  (see `tff_round`).
+  (see `tff_round`). Client metrics are released as the trainer releases them
+  (`releases_client_metrics`).
   """
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   from tff_dpmed.federated import process as process_lib  # pylint: disable=g-import-not-at-top
@@ -105,9 +116,10 @@ def build_tff_process(work: Workload, loop: Optional[str] = None, compose: bool 
   tff_model = process_lib.make_functional_model(
       cfg.model, work.run.splits.info, work.federated_data.element_type_structure, cfg.seed)
   loop_kw = {"loop_implementation": tff.learning.LoopImplementation[loop]} if loop else {}
-  learning_process, _ = process_lib.build_learning_process(
-      tff_model, work.run.dp, process_lib.OptimizerConfig(
-          cfg.client_learning_rate, cfg.server_learning_rate, cfg.server_momentum), **loop_kw)
+  learning_process = process_lib.build_learning_process(
+      tff_model, work.run.mechanism, process_lib.OptimizerConfig(
+          cfg.client_learning_rate, cfg.server_learning_rate, cfg.server_momentum),
+      release_client_metrics=releases_client_metrics(work), **loop_kw)
   if not compose:
     return learning_process
   return tff.simulation.compose_dataset_computation_with_learning_process(
@@ -153,7 +165,9 @@ def tff_round(process, state, participants, work: Optional[Workload] = None,
 
 class TffContender:
   """tff_dpmed's process, driven the way the trainer drives it (levers as in build_tff_process
-  and tff_round). `round` returns the examples trained on."""
+  and tff_round). `round` returns the examples trained on: TFF's own count where the
+  process releases client metrics, else the cohort's examples times the client epochs
+  (what the trainer trains on; in DP modes TFF reports no count)."""
 
   def __init__(self, work: Workload, loop: Optional[str] = None, compose: bool = True,
                weights_from_state: bool = False):
@@ -164,12 +178,17 @@ class TffContender:
     self.weights = None
     self._work = None if compose else work
     self._weights_from_state = weights_from_state
+    self._partitions = work.run.partitions
+    self._epochs = work.run.config.client_epochs
+    self.counts_from_tff = releases_client_metrics(work)
 
   def round(self, participants) -> int:
     self.state, metrics, self.weights = tff_round(
         self.process, self.state, participants, work=self._work,
         weights_from_state=self._weights_from_state)
-    return int(metrics["client_work"]["train"]["num_examples"])
+    if self.counts_from_tff:
+      return int(metrics["client_work"]["train"]["num_examples"])
+    return self._epochs * sum(len(self._partitions[int(i)]) for i in participants)
 
 
 class ReferenceContender:

@@ -31,7 +31,7 @@ def plot_privacy_utility(groups: Sequence[dict], path: str, title: str = "") -> 
   """Test AUC (left) and membership-inference AUC (right) against epsilon.
 
   `groups` are the study's per-(mode, level) aggregates (see
-  `privacy_utility.aggregate`): each has "mode", "level", "values" (a dict of
+  `report.aggregate`): each has "mode", "level", "values" (a dict of
   lists over seeds: epsilon, test_auc, mia_auc) and "label" (e.g. "z=1.1").
   Epsilon is on a log axis; error bars are the std over seeds; the
   non-private baseline is a horizontal line (mean) with a band (std).

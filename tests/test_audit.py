@@ -18,7 +18,7 @@ from tff_dpmed import models
 from tff_dpmed.data.client_data import preprocess_images
 from tff_dpmed.data.types import DatasetInfo
 from tff_dpmed.errors import UsageError
-from tff_dpmed.privacy import audit
+from tff_dpmed.program import audit
 
 BINARY = DatasetInfo("fake", "binary-class", ("neg", "pos"), (28, 28, 1))
 MULTI = DatasetInfo("fake-ml", "multi-label", ("a", "b", "c", "d"), (28, 28, 1))
@@ -166,14 +166,16 @@ def test_multi_label_memorisation_is_caught():
 def test_audit_run_reads_a_run_folder_and_writes_audit_json(memorised, tmp_path):
   from tff_dpmed.data.types import ImageSplits
   from tff_dpmed.program import artifacts
-  from tff_dpmed.program.config import RunConfig, write_json_atomic
+  from tff_dpmed.files import write_json_atomic
+  from tff_dpmed.program.config import RunConfig
   model, (x_in, y_in) = memorised
   x_out, y_out = _data(BINARY, 64, seed=2)
   run_dir = tmp_path / "run"
   run_dir.mkdir()
   privacy = {"dp_mode": "none", "epsilon": None, "delta": None}
+  config = RunConfig.from_json({"dataset": "fake", "dp_mode": "none"})
   write_json_atomic(str(run_dir / "summary.json"), {
-      "config": RunConfig(dataset="fake").to_json(), "dataset": BINARY.to_json(),
+      "config": config.to_json(), "dataset": BINARY.to_json(),
       "privacy": privacy, "test_accuracy": 0.5, "test_auc": 0.5})
   artifacts.save_final_weights(str(run_dir), model)
   splits = ImageSplits(BINARY, x_in, y_in, x_out[:20], y_out[:20], x_out, y_out)

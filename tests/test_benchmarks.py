@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+from benchmarks import bench_accounting
 from benchmarks import bench_first_round
 from benchmarks import bench_round_time
 from benchmarks import bench_scale
@@ -26,10 +27,11 @@ def tiny(data_dir):
   """20 BreastMNIST clients (27 examples each), 2 per round, without noise.
 
   z = 0 and a noiseless clipped count make a round deterministic, so TFF and
-  the reference can be compared exactly.
+  the reference can be compared exactly. debug_metrics: TFF reports its own
+  example count (a DP run does not), to compare with the reference's.
   """
   return workload.prepare(str(data_dir), 20, 2, dataset="breastmnist", noise_multiplier=0.0,
-                          clipped_count_stddev=0.0)
+                          clipped_count_stddev=0.0, debug_metrics=True)
 
 
 def _weight_change(ref: reference.ReferenceDPFedAvg, cohort) -> tuple[float, dict]:
@@ -43,6 +45,7 @@ def test_reference_round_matches_tff_and_both_time(tiny, tff_runtime):
   del tff_runtime  # tff_dpmed's contender executes on it.
   tff_c = workload.TffContender(tiny)
   ref_c = workload.ReferenceContender(tiny)
+  assert tff_c.counts_from_tff  # The count below is TFF's, not computed from the partitions.
   # Two rounds: the second uses the clip norm the first one adapted.
   for cohort in workload.cohorts(20, 2, 2, seed=1):
     examples = sum(len(tiny.run.partitions[i]) for i in cohort)
@@ -65,9 +68,29 @@ def test_reference_round_matches_tff_and_both_time(tiny, tff_runtime):
   assert "tff_dpmed round, 2 of 20 clients" in table and "Keras model.fit" in table
 
 
+def test_workload_releases_client_metrics_as_the_trainer_does(tiny):
+  # The benchmarked DP round is the trainer's: no per-client train metrics.
+  as_trained = dataclasses.replace(
+      tiny, run=dataclasses.replace(tiny.run, config=tiny.run.config.replace(debug_metrics=False)))
+  assert not workload.releases_client_metrics(as_trained)
+  assert workload.releases_client_metrics(tiny)  # debug_metrics=True
+  resampled = workload.resample_clients(as_trained.run, 20_000)
+  assert len(resampled.partitions) == resampled.mechanism.spec.num_clients == 20_000
+  assert resampled.config.dp.delta == 1e-6  # Re-derived for 20,000 clients, not kept from 20.
+
+
+def test_accounting_cases_run_on_the_privacy_api():
+  cases = dict(bench_accounting._cases(10))  # pylint: disable=protected-access
+  assert len(cases) == 9
+  for name, fn in cases.items():
+    if not name.startswith("calibrate"):  # Calibration's search takes seconds.
+      seconds, value = bench_accounting._time(fn, 1)  # pylint: disable=protected-access
+      assert seconds > 0 and 0 < value < math.inf, name
+
+
 def test_reference_clip_bounds_the_update_and_adapts_the_clip(tiny):
   clip = 1e-4  # Far below any real update norm, so every client is clipped.
-  dp = dataclasses.replace(tiny.run.dp, clip=clip)
+  dp = dataclasses.replace(tiny.run.config.dp, clip=clip)
   cfg = tiny.run.config
   ref = reference.ReferenceDPFedAvg(
       cfg.model, tiny.run.splits.info, tiny.federated_data.serializable_dataset_fn, dp,
@@ -83,7 +106,7 @@ def test_reference_clip_bounds_the_update_and_adapts_the_clip(tiny):
 
 
 def test_reference_noise_has_the_aggregators_stddev(tiny):
-  dp = dataclasses.replace(tiny.run.dp, noise_multiplier=1.0, clip_mode="fixed", clip=0.1,
+  dp = dataclasses.replace(tiny.run.config.dp, noise_multiplier=1.0, clip_mode="fixed", clip=0.1,
                            clipped_count_stddev=None)
   cfg = tiny.run.config
   # Client learning rate 0: updates are exactly zero, so the step is pure noise.
@@ -93,7 +116,7 @@ def test_reference_noise_has_the_aggregators_stddev(tiny):
   before = ref.weights()
   ref.round(["0", "1"])
   step = np.concatenate([(a - b).ravel() for a, b in zip(ref.weights(), before)])
-  want = dp.noise_multiplier * dp.clip / dp.expected_clients_per_round
+  want = dp.noise_multiplier * dp.clip / dp.clients_per_round
   assert abs(step.mean()) < 0.01 * want
   assert np.std(step) == pytest.approx(want, rel=0.02)
 
