@@ -5,8 +5,8 @@ TFF's one-off compile), so they are few, shared between tests, and started
 together at module setup on a small thread pool; each test waits for the runs
 it needs. Nothing here asserts on elapsed time.
 
-Three runs use a tiny hook (`_HOOK`) that acts at an exact point inside the
-trainer's loop: it sends the process a signal during a round's evaluation or
+Three runs use a tiny script (`_HOOK`) that runs the real CLI with
+`loop.RoundHooks` injected, to act at an exact point inside the trainer's loop: it sends the process a signal during a round's evaluation or
 right after a round's clients are drawn, or sets the server learning rate in
 the TFF state to inf before round 2. The trainer is otherwise the real CLI,
 signals go through its real handler, and the non-finite update is computed by
@@ -64,9 +64,8 @@ _HOOKED_FLAGS = [*_LOCAL_DP, "--rounds=6", "--rounds_per_checkpoint=2"]
 _HOOK = r'''
 import collections, os, signal, sys
 import numpy as np
-import tensorflow_federated as tff
 from tff_dpmed import train  # Imports TensorFlow before absl's app.run, as the CLI does.
-from tff_dpmed.program import evaluation, sampling
+from tff_dpmed.program import loop
 
 action, nth, signame, record = sys.argv[1:5]
 sys.argv = [sys.argv[0]] + sys.argv[6:]
@@ -76,37 +75,28 @@ def due(key):
   calls[key] += 1
   return key == action and calls[key] == int(nth)
 
-def wrap_with_signal(owner, name, key):
-  original = getattr(owner, name)
-  def wrapped(*args, **kwargs):
-    if key == "sampling.ClientSampler.sample":
-      with open(record, "a") as f:
-        f.write(args[0].get_state() + "\n")
-    result = original(*args, **kwargs)
+def before_sample(round_num, sampler):
+  with open(record, "a") as f:
+    f.write(sampler.get_state() + "\n")
+
+def signal_if_due(key):
+  def hook(*args):
     if due(key):
       os.kill(os.getpid(), getattr(signal, signame))
-    return result
-  setattr(owner, name, wrapped)
+  return hook
 
-wrap_with_signal(evaluation, "evaluate", "evaluation.evaluate")
-wrap_with_signal(sampling.ClientSampler, "sample", "sampling.ClientSampler.sample")
+def before_next(round_num, state):
+  if due("inf_server_learning_rate"):
+    finalizer = collections.OrderedDict(state.finalizer)
+    finalizer["learning_rate"] = np.float32(np.inf)
+    state = state._replace(finalizer=finalizer)
+  return state
 
-class _Process:
-  def __init__(self, process):
-    self._process = process
-  def __getattr__(self, name):
-    return getattr(self._process, name)
-  def next(self, state, data):
-    if due("inf_server_learning_rate"):
-      finalizer = collections.OrderedDict(state.finalizer)
-      finalizer["learning_rate"] = np.float32(np.inf)
-      state = state._replace(finalizer=finalizer)
-    return self._process.next(state, data)
-
-_compose = tff.simulation.compose_dataset_computation_with_learning_process
-tff.simulation.compose_dataset_computation_with_learning_process = (
-    lambda *args, **kwargs: _Process(_compose(*args, **kwargs)))
-train.run()
+train.run(hooks=loop.RoundHooks(
+    before_sample=before_sample,
+    after_sample=signal_if_due("sampling.ClientSampler.sample"),
+    after_evaluate=signal_if_due("evaluation.evaluate"),
+    before_next=before_next))
 '''
 
 
@@ -344,8 +334,11 @@ def _job_table(data_dir, root, hook_path):
                                     "--seed=5"),
       "none_seeded_a": plain("none_seeded_a", "--dp_mode=none", "--seed=11", "--rounds=2"),
       "none_seeded_b": plain("none_seeded_b", "--dp_mode=none", "--seed=11", "--rounds=2"),
-      "local_seeded_a": plain("local_seeded_a", *_LOCAL_DP, "--seed=11", "--rounds=2"),
-      "local_seeded_b": plain("local_seeded_b", *_LOCAL_DP, "--seed=11", "--rounds=2"),
+      # DP sampling is seeded only on request (and then accounted without amplification).
+      "local_seeded_a": plain("local_seeded_a", *_LOCAL_DP, "--seed=11", "--rounds=2",
+                              "--insecure_reproducible_sampling", "--debug_metrics"),
+      "local_seeded_b": plain("local_seeded_b", *_LOCAL_DP, "--seed=11", "--rounds=2",
+                              "--insecure_reproducible_sampling", "--debug_metrics"),
   }
 
 

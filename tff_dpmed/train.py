@@ -6,7 +6,9 @@ Writes <output_dir>/<experiment_name>/: metrics.csv, summary.json, tensorboard/,
 checkpoints/, saved_model/<model>/<version>/. Rerunning the same command resumes.
 """
 
+import functools
 import sys
+from typing import Optional
 
 from absl import flags
 from absl import logging
@@ -121,7 +123,7 @@ def config_from_flags() -> RunConfig:
   return RunConfig.from_json(flat)
 
 
-def main(argv):
+def main(argv, hooks: Optional[trainer.RoundHooks] = None):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}: all options are --flags (see --helpfull)")
   logging.set_verbosity(logging.WARNING)
@@ -130,7 +132,8 @@ def main(argv):
     print("warning: --insecure_reproducible_sampling: client sampling is seeded, so epsilon "
           "is reported without amplification by sampling", file=sys.stderr, flush=True)
   try:
-    summary = trainer.train(run, show_progress=FLAGS.progress)
+    summary = trainer.train(run, show_progress=FLAGS.progress,
+                            hooks=hooks or trainer.RoundHooks())
   except trainer.TrainingError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
@@ -151,8 +154,9 @@ def main(argv):
                      "privacy_unit": p.get("privacy_unit")}))
 
 
-def run():
-  cli.run(main)
+def run(hooks: Optional[trainer.RoundHooks] = None):
+  """The CLI; `hooks` act inside the round loop (tests use them to act at exact points)."""
+  cli.run(functools.partial(main, hooks=hooks))
 
 
 if __name__ == "__main__":

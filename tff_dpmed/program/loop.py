@@ -82,7 +82,8 @@ class ProgramState:
 @dataclasses.dataclass
 class RoundHooks:
   """Points where a test (or a tool) can act inside the loop; no-ops by default."""
-  after_sample: Callable[[int, np.ndarray, ClientSampler], None] = lambda r, ids, s: None
+  before_sample: Callable[[int, ClientSampler], None] = lambda r, sampler: None
+  after_sample: Callable[[int, np.ndarray], None] = lambda r, ids: None
   before_next: Callable[[int, Any], Any] = lambda r, learning_state: learning_state
   after_evaluate: Callable[[int], None] = lambda r: None
 
@@ -127,8 +128,9 @@ def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
     while state.round < settings.rounds and not state.stopped_by_budget:
       sampler_before = parts.sampler.get_state()
       try:
+        hooks.before_sample(state.round + 1, parts.sampler)
         participants = parts.sampler.sample()
-        hooks.after_sample(state.round + 1, participants, parts.sampler)
+        hooks.after_sample(state.round + 1, participants)
         if _over_budget(parts.ledger, participants, settings.max_epsilon):
           parts.sampler.set_state(sampler_before)
           state.stopped_by_budget = True
