@@ -87,6 +87,9 @@ flags.DEFINE_integer("seed", None, "Seed for splits, init and local-DP noise, an
 flags.DEFINE_bool("insecure_reproducible_sampling", False, "DP modes: seed client sampling "
                   "with --seed too. Whoever knows the seed knows every cohort, so epsilon is "
                   "then reported WITHOUT amplification by sampling.")
+flags.DEFINE_string("budget_ledger", None, "A JSON file shared by every run on this data: "
+                    "each run adds what it released, and `python -m tff_dpmed.privacy "
+                    "--budget_ledger=PATH` prints the total epsilon. Default: off.")
 flags.DEFINE_bool("debug_metrics", False, "DP modes: also write per-round train loss and "
                   "accuracy, cohort size and round time. They are NOT covered by epsilon: "
                   "debugging only (always written with --dp_mode=none).")
@@ -115,7 +118,7 @@ def config_from_flags() -> RunConfig:
            "delta", "accountant", "clip_mode", "clip", "target_unclipped_quantile",
            "adaptive_clip_learning_rate", "clipped_count_stddev", "rounds_per_eval",
            "rounds_per_checkpoint", "output_dir", "experiment_name", "seed", "restart", "audit",
-           "debug_metrics", "max_concurrent_computation_calls", "executor", "workers",
+           "debug_metrics", "budget_ledger", "max_concurrent_computation_calls", "executor", "workers",
            "worker_binary")
   flat = {name: FLAGS[name].value for name in names}
   flat.update(image_size=int(FLAGS.image_size),

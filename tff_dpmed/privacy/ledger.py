@@ -9,6 +9,7 @@ exactly the privacy settings of the resumed run (`check_matches`).
 
 import collections
 import json
+import uuid
 import math
 import operator
 from typing import Sequence
@@ -29,6 +30,9 @@ class PrivacyLedger:
     self._rounds = 0
     self._participation: collections.Counter = collections.Counter()
     self._history: list[tuple[int, float]] = []
+    # Tells this run's release apart from an earlier one in the same folder
+    # (before a --restart) in a budget ledger.
+    self.ledger_id = uuid.uuid4().hex
 
   @property
   def spec(self) -> DPSpec:
@@ -105,6 +109,7 @@ class PrivacyLedger:
     """The ledger as JSON, for checkpoints; `from_json` restores it exactly."""
     return json.dumps({
         "format": self._FORMAT,
+        "ledger_id": self.ledger_id,
         "spec": self.spec.to_json(),
         "rounds": self._rounds,
         "participation": sorted([i, c] for i, c in self._participation.items()),
@@ -123,6 +128,7 @@ class PrivacyLedger:
       if data.get("format") != cls._FORMAT:
         raise ValueError(f"format {data.get('format')!r}")
       ledger = cls(DPSpec.from_json(data["spec"]))
+      ledger.ledger_id = str(data["ledger_id"])
       ledger._rounds = accounting.check_rounds(data["rounds"])
       ledger._participation = collections.Counter(
           {operator.index(i): operator.index(c) for i, c in data["participation"]})

@@ -62,6 +62,8 @@ class RunConfig:
   # Per-round train loss/accuracy, cohort size and round time in DP modes:
   # outside every DP mechanism, so off unless asked for (debugging only).
   debug_metrics: bool = False
+  # A JSON file composing the privacy spent by every run on this data (off: None).
+  budget_ledger: Optional[str] = None
   max_concurrent_computation_calls: int = -1
   # Runtime: a worker of our own (local), or workers at `workers` (remote).
   executor: str = "local"

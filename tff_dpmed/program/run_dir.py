@@ -18,6 +18,8 @@ from typing import Optional
 from tff_dpmed.data.types import ImageSplits
 from tff_dpmed.errors import UsageError
 from tff_dpmed.files import write_json_atomic
+from tff_dpmed.privacy import budget as budget_lib
+from tff_dpmed.privacy.budget import BudgetLedger
 from tff_dpmed.privacy.ledger import PrivacyLedger
 from tff_dpmed.privacy.spec import DPMode
 from tff_dpmed.program import loop
@@ -60,8 +62,10 @@ def sampling_seed(cfg: RunConfig) -> Optional[int]:
 class RunFolder:
   """Takes a run folder for one run: locks it, checks what it holds, writes config.json."""
 
-  def __init__(self, cfg: RunConfig, splits: ImageSplits):
+  def __init__(self, cfg: RunConfig, splits: ImageSplits,
+               budget: Optional[BudgetLedger] = None):
     self._cfg = cfg
+    self._budget = budget
     self._splits = splits
     self._lock_fd: Optional[int] = None
     self._ledger: Optional[PrivacyLedger] = None
@@ -174,7 +178,12 @@ class RunFolder:
     return PrivacyLedger.from_json(text)
 
   def save_ledger(self, ledger: PrivacyLedger) -> None:
-    write_json_atomic(os.path.join(self.path, LEDGER_FILE), {"ledger": json.loads(ledger.to_json())})
+    """Persists the run's ledger, and its entry in the budget ledger if there is one."""
+    write_json_atomic(os.path.join(self.path, LEDGER_FILE),
+                      {"ledger": json.loads(ledger.to_json())})
+    if self._budget is not None:
+      self._budget.record(f"{os.path.abspath(self.path)}#{ledger.ledger_id}", ledger.spec,
+                          budget_lib.compositions_of(ledger), self.path)
 
   def restore(self, fresh: loop.ProgramState,
               fresh_ledger: PrivacyLedger) -> tuple[loop.ProgramState, PrivacyLedger]:

@@ -29,6 +29,7 @@ from tff_dpmed.files import write_json_atomic
 from tff_dpmed.privacy import accounting
 from tff_dpmed.privacy import calibration
 from tff_dpmed.privacy import mechanisms
+from tff_dpmed.privacy.budget import BudgetLedger
 from tff_dpmed.privacy.ledger import PrivacyLedger
 from tff_dpmed.privacy.spec import DPMode
 from tff_dpmed.program import artifacts
@@ -51,6 +52,7 @@ class PreparedRun:
   partitions: list
   mechanism: mechanisms.Mechanism
   notes: list                     # what was chosen for the user, and why
+  budget: Optional[BudgetLedger] = None
 
 
 def _log(message: str) -> None:
@@ -89,7 +91,8 @@ def prepare(cfg: RunConfig) -> PreparedRun:
            "such a delta allows publishing a whole client's data; use a smaller --delta")
     notes.append(f"accountant={accounting.resolve_accountant(spec)}, "
                  f"sampling={spec.sampling.value}")
-  return PreparedRun(cfg, splits, partitions, mechanisms.for_spec(spec), notes)
+  budget = BudgetLedger(cfg.budget_ledger) if cfg.budget_ledger else None
+  return PreparedRun(cfg, splits, partitions, mechanisms.for_spec(spec), notes, budget)
 
 
 def _check_runtime(cfg: RunConfig) -> None:
@@ -116,7 +119,7 @@ def train(run: PreparedRun, show_progress: bool = True,
           hooks: loop.RoundHooks = loop.RoundHooks()) -> dict:
   """Runs (or resumes) the training program and returns the summary."""
   cfg = run.config
-  with run_dir_lib.RunFolder(cfg, run.splits) as folder:
+  with run_dir_lib.RunFolder(cfg, run.splits, run.budget) as folder:
     for note in run.notes:
       _log(f"note: {note}")
     start_time = time.time()
