@@ -34,7 +34,6 @@ import tensorflow as tf
 from google.protobuf import json_format
 from tensorflow_serving.apis import model_pb2
 
-from tff_dpmed.serving import grpc_service
 from tff_dpmed.serving.model_store import ModelStore, ServingError, invalid
 
 _log = logging.getLogger("tff_dpmed.serve")
@@ -445,15 +444,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if not name:
       raise invalid("Missing model name in request.")
     name, version, label = _model_spec_parts(name, version, label)
-    spec = model_pb2.ModelSpec(name=name)
-    if version is not None:
-      spec.version.value = version
-    if label is not None:
-      spec.version_label = label
     if metadata:
-      return self._metadata(spec)
+      return self._metadata(name, version, label)
     return json_format.MessageToDict(
-        grpc_service.model_status(self.server.store, spec),
+        self.server.store.model_status(name, version, label),
         including_default_value_fields=True)
 
   def _read_json(self) -> Any:
@@ -505,20 +499,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     _, outputs = store.predict(servable, signature.name, inputs)
     return response_json(outputs, request_format)
 
-  def _metadata(self, spec: model_pb2.ModelSpec) -> dict:
-    version, label = grpc_service.spec_version(spec)
-    servable = self.server.store.resolve(spec.name, version, label)
+  def _metadata(self, name: str, version: Optional[int],
+                label: Optional[str]) -> dict:
+    servable, fields = self.server.store.model_metadata(
+        name, version, label, missing_ok=True)
     model_spec = model_pb2.ModelSpec(name=servable.name)
     model_spec.version.value = servable.version
-    metadata = {
-        grpc_service.SIGNATURE_DEF_FIELD: json_format.MessageToDict(
-            grpc_service.signature_def_map(servable),
-            including_default_value_fields=True,
-            preserving_proto_field_name=True)
-    }
-    if servable.export_metadata is not None:
-      # Extra key (TF Serving clients ignore it): the privacy guarantee.
-      metadata[grpc_service.TFF_DPMED_METADATA_FIELD] = servable.export_metadata
+    metadata = {}
+    for field, value in fields.items():
+      # The signature map is a proto; the tff_dpmed metadata (an extra key
+      # that TF Serving clients ignore) is already JSON data.
+      metadata[field] = value if isinstance(value, dict) else (
+          json_format.MessageToDict(value, including_default_value_fields=True,
+                                    preserving_proto_field_name=True))
     return {
         "model_spec": json_format.MessageToDict(
             model_spec, including_default_value_fields=True,
