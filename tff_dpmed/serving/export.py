@@ -23,7 +23,7 @@ probable label; a caller that wants every present label thresholds
 clients send raw pixels and never need to know the normalisation; it is the
 data layer's `preprocess_images`, the same function training uses.
 
-Nothing here imports TensorFlow Federated (tests/test_serving_imports.py
+Nothing here imports TensorFlow Federated (tests/test_serving_cli.py
 checks it): the PNG/JPEG decoding lives in image_bytes.py, the metadata json
 in export_metadata.py.
 """
@@ -84,7 +84,7 @@ def list_versions(model_dir: str) -> list[int]:
   """
   try:
     names = os.listdir(model_dir)
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):
     return []
   return sorted(
       int(n) for n in names

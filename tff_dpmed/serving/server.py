@@ -36,6 +36,16 @@ def check_model_base_path(model_base_path: str) -> None:
   if not os.path.isdir(model_base_path):
     raise UsageError(f"--model_base_path {model_base_path} is not a folder: pass "
                      "<export_base>/<model_name>, which holds version folders")
+  if os.path.exists(os.path.join(model_base_path, export.MODELS_CONFIG_FILENAME)):
+    # The export root: TF Serving's --model_config_file goes here, but
+    # --model_base_path is one model's folder under it.
+    models = [d for d in sorted(os.listdir(model_base_path))
+              if export.list_versions(os.path.join(model_base_path, d))]
+    example = os.path.join(model_base_path, models[0] if models else "<model_name>")
+    raise UsageError(
+        f"--model_base_path {model_base_path} is the export root (it holds "
+        f"{export.MODELS_CONFIG_FILENAME}); pass one model's folder under it, "
+        f"e.g. --model_base_path={example}")
   if os.path.exists(os.path.join(model_base_path, "saved_model.pb")):
     raise UsageError(
         f"--model_base_path {model_base_path} is a version folder; pass its "
