@@ -220,3 +220,22 @@ def test_numeric_arrays_leave_strings_alone():
   text = "[" + "1," * 3000 + "1]"
   body = json.dumps({"signature_name": text, "instances": [1]}).encode()
   assert numeric_arrays.loads(body) == {"signature_name": text, "instances": [1]}
+
+
+def test_stop_closes_idle_connections_promptly(tmp_path):
+  from tff_dpmed.serving import model_store, rest  # pylint: disable=g-import-not-at-top
+  store = model_store.ModelStore("m", str(tmp_path))  # No versions: status only.
+  server = rest.RestServer(store, "127.0.0.1", 0, 1 << 20, num_threads=4)
+  server.start()
+  idle = [socket.create_connection(("127.0.0.1", server.port), timeout=30)
+          for _ in range(4)]
+  try:
+    time.sleep(0.5)  # Each holds a thread, waiting for a request.
+    start = time.monotonic()
+    server.stop()
+    assert time.monotonic() - start < 5
+    for sock in idle:
+      assert sock.recv(1) == b""  # Closed by the server.
+  finally:
+    for sock in idle:
+      sock.close()

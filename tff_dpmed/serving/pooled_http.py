@@ -66,6 +66,8 @@ class PooledHTTPServer(http.server.HTTPServer):
     # Accepted connections waiting for a handler thread; when full, new ones
     # are answered 503 at once instead of piling up threads or sockets.
     self._waiting: queue.Queue = queue.Queue(maxsize=LISTEN_BACKLOG)
+    # Set by stop(): idle connections close (handlers poll it), threads exit.
+    self.stopping = threading.Event()
     self._workers = [threading.Thread(target=self._work, name=f"rest-{i}",
                                       daemon=True) for i in range(num_threads)]
     for worker in self._workers:
@@ -88,7 +90,7 @@ class PooledHTTPServer(http.server.HTTPServer):
       self.shutdown_request(request)
 
   def _work(self) -> None:
-    while True:
+    while not self.stopping.is_set():
       item = self._waiting.get()
       if item is None:
         return
@@ -106,11 +108,13 @@ class PooledHTTPServer(http.server.HTTPServer):
                                     name="rest-server", daemon=True)
     self._thread.start()
 
-  def stop(self) -> None:
+  def stop(self, grace_seconds: float = 10.0) -> None:
+    """Stops accepting; requests in progress finish, idle connections close."""
+    self.stopping.set()
     self.shutdown()
     self.server_close()
     if self._thread is not None:
-      self._thread.join(timeout=10)
+      self._thread.join(timeout=grace_seconds)
     while True:  # Connections still waiting for a thread get closed.
       try:
         item = self._waiting.get_nowait()
@@ -119,10 +123,14 @@ class PooledHTTPServer(http.server.HTTPServer):
       if item is not None:
         self.shutdown_request(item[0])
     for _ in self._workers:
-      self._waiting.put(None)
-    # Threads in a request finish it; daemon threads do not hold up exit.
+      try:
+        self._waiting.put_nowait(None)  # Wakes an idle thread to exit.
+      except queue.Full:
+        break  # Busy threads see `stopping` when their connection ends.
+    deadline = time.monotonic() + grace_seconds
     for worker in self._workers:
-      worker.join(timeout=2)
+      # Daemon threads: one stuck past the deadline does not hold up exit.
+      worker.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _refuse_busy(sock: socket.socket) -> None:

@@ -160,7 +160,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       if poller.poll(_IDLE_POLL_SECONDS * 1000):
         return True  # Data, or the client closed (the read then sees EOF).
       idle = time.monotonic() - idle_since
-      if idle >= self.timeout:
+      if idle >= self.timeout or self.server.stopping.is_set():
         return False
       if idle >= self.server.busy_idle_seconds and self.server.has_waiting():
         return False
