@@ -25,7 +25,6 @@ import tempfile
 import threading
 import time
 
-import numpy as np
 import portpicker
 import psutil
 

@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Optional
+from typing import Optional
 
 import tensorflow as tf
 

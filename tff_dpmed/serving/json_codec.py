@@ -6,7 +6,8 @@ value for one input, or an object keyed by input name); binary strings as
 {"b64": "..."}. Responses: {"predictions": ...} for row requests,
 {"outputs": ...} for columnar ones, a bare value for a single output, output
 names ending in `_bytes` base64-encoded. Errors are `ServingError`s with TF
-Serving's wording. `decode_body` parses a body with bounded memory: large
+Serving's wording, answered with the HTTP status `HTTP_STATUS` maps each gRPC
+code to. `decode_body` parses a body with bounded memory: large
 arrays of plain numbers go straight to numpy (numeric_arrays.py) instead of
 becoming millions of Python objects.
 """
@@ -24,6 +25,27 @@ from tff_dpmed.serving import numeric_arrays
 from tff_dpmed.serving.servable import ServingError, invalid
 
 _BYTES_SUFFIX = "_bytes"
+
+# TF Serving's http_server.cc ToHTTPStatusCode.
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
 
 
 def decode_body(body: bytes) -> dict:

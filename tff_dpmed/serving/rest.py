@@ -59,26 +59,6 @@ _STATUS_PATH = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?"
     r"(?:/(metadata))?", re.IGNORECASE)
 
-# TF Serving's http_server.cc ToHTTPStatusCode.
-_HTTP_STATUS = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-}
 # How much of a refused body is read before closing, at most (see _drain_body).
 _DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 _DRAIN_SECONDS = 2.0
@@ -206,7 +186,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       if e.status == 503:
         headers = {"Retry-After": "1"}
     except ServingError as e:
-      status, payload, headers = _HTTP_STATUS.get(e.code, 500), {
+      status, payload, headers = json_codec.HTTP_STATUS.get(e.code, 500), {
           "error": e.message}, None
     except Exception:  # pylint: disable=broad-except
       # Log the traceback here; the client gets no internals.
