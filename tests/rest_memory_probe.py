@@ -37,10 +37,16 @@ from tff_dpmed.serving import export  # pylint: disable=wrong-import-position
 MODEL = "probe"
 
 
-def _body(megabytes: float) -> bytes:
+def _body(megabytes: float, defeat_fast_path: bool) -> bytes:
   per_image = len(json.dumps(sample_images(1).tolist()[0]))
   images = sample_images(max(1, int(megabytes * 1e6 / per_image)), seed=3)
-  return json.dumps({"instances": images.tolist()}).encode()
+  doc = {"instances": images.tolist()}
+  if defeat_fast_path:
+    # One ragged row makes the array not dense, so the whole body goes
+    # through json.loads: the worst case, which only the in-flight byte
+    # budget bounds.
+    doc["instances"][-1][-1].pop()
+  return json.dumps(doc).encode()
 
 
 class _PeakSampler:
@@ -77,10 +83,12 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--body_mb", type=float, default=31.0)
   parser.add_argument("--concurrent", default="1,4")
+  parser.add_argument("--defeat_fast_path", action="store_true",
+                      help="Make the body take json.loads' path (worst case).")
   parser.add_argument("--extra_flags", default="",
                       help="More serve flags, space-separated.")
   args = parser.parse_args()
-  body = _body(args.body_mb)
+  body = _body(args.body_mb, args.defeat_fast_path)
   with tempfile.TemporaryDirectory() as tmp:
     model, info, metadata = trained_model()
     export.export_saved_model(model, info, tmp, MODEL, metadata)

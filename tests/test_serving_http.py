@@ -239,3 +239,31 @@ def test_stop_closes_idle_connections_promptly(tmp_path):
   finally:
     for sock in idle:
       sock.close()
+
+
+_BIG = "[" + ", ".join(["[1, 2, 3]"] * 800) + "]"
+
+
+@pytest.mark.parametrize("body", [
+    '{"instances": BIG, "x": }',
+    '{"instances": BIG "x": 1}',
+    '{"note": "\u00e9\u4e2d", "instances": BIG,\n "x": [1, 2,] }',
+    '{BIG: 1}',
+    '{"a": 1, BIG: 1}',
+    '{"instances": BIG',
+    '{"instances": [BIG, BIG, {"b64": "AA=="}, BIG]}',
+    '{"s": "BIG", "t": "\\" BIG", "instances": BIG}',
+])
+def test_numeric_arrays_errors_and_strings_match_json_loads(body):
+  body = body.replace("BIG", _BIG).encode()
+  try:
+    want = json.loads(body)
+  except ValueError as e:
+    with pytest.raises(ValueError) as got:
+      numeric_arrays.loads(body)
+    assert str(got.value) == str(e)
+    return
+  got = numeric_arrays.loads(body)
+  assert json.dumps(got, default=lambda a: a.tolist()) == json.dumps(want)
+  if "instances" in got and not isinstance(got["instances"], list):
+    assert isinstance(got["instances"], np.ndarray)  # Took the fast path.

@@ -12,9 +12,12 @@ Only exactly what `json.loads` would accept takes that path: the bracket
 structure must be that of a dense array; every slot must hold one number
 token in JSON's grammar (no `+1`, `.5`, `5.`, `01`, empty slots); an
 integer span must have no token of 19 or more digits (it could exceed int64).
-Anything else is left to `json.loads`, so error messages are unchanged. A
-span that sits inside a JSON string breaks the placeholder document, which is
-then parsed again with `json.loads` as a whole.
+Anything else is left to `json.loads`, so error messages are unchanged.
+Spans inside JSON strings, and spans not in a value position (after `:` or
+`[`), are left alone too. If the rest of the body is not valid JSON, the
+error json.loads finds in the placeholder document is reported at its
+offset in the original body: the same message and offset json.loads(body)
+gives, without json.loads ever building the huge lists.
 
 Integer arrays get the smallest signed dtype that holds their values (int16
 for pixels) and float arrays float64; `json_codec.json_to_tensor` checks and
@@ -34,6 +37,7 @@ _CHUNK_BYTES = 1 << 22
 
 _SPAN = re.compile(rb"\[[\[\]0-9eE+\-., \t\r\n]{%d,}" % (MIN_SPAN_BYTES - 1))
 _WHITESPACE = b" \t\r\n"
+_QUOTE_OR_ESCAPE = re.compile(rb'\\.|"', re.DOTALL)
 _NUMBER_CHARS = b"0123456789eE+-."
 _BRACKETS_TO_SPACES = bytes.maketrans(b"[]", b"  ")
 # In whitespace-free text: a token with a leading zero (JSON forbids 01, -01).
@@ -47,35 +51,70 @@ _BAD_DOT_PAIRS = tuple(bytes([c, ord(".")]) for c in b"[],eE+-.") + tuple(
 
 
 def loads(body: bytes) -> Any:
-  """json.loads(body), with long numeric arrays returned as numpy arrays."""
+  """json.loads(body), with long numeric arrays returned as numpy arrays.
+
+  Raises what json.loads(body) raises, with the same message and offset.
+  """
   if len(body) < MIN_SPAN_BYTES or not body.lstrip(_WHITESPACE).startswith(b"{"):
     return json.loads(body)
-  arrays, pieces, last = {}, [], 0
+  arrays, pieces, shifts = {}, [], []
   nonce = secrets.token_hex(8)
+  last = 0  # End of the last span replaced.
+  in_string, scanned = False, 0
+  chars = 0  # Length in characters of the pieces so far.
   for match in _SPAN.finditer(body):
-    start, end = match.start(), _balanced_end(body, match.start(), match.end())
-    if end is None:
+    start = match.start()
+    in_string = _in_string_after(body, scanned, start, in_string)
+    scanned = match.end()  # A span holds no quote: the state is unchanged.
+    if in_string or not _in_value_position(body, start):
       continue
-    array = parse_dense_array(body, start, end)
+    end = _balanced_end(body, start, match.end())
+    array = None if end is None else parse_dense_array(body, start, end)
     if array is None:
       continue
     key = f"\x00{nonce}#{len(arrays)}"
     arrays[key] = array
-    pieces += [body[last:start], json.dumps(key).encode()]
+    # Decoded as json.loads decodes bytes; a cut before an ASCII '[' never
+    # splits a UTF-8 character.
+    gap = body[last:start].decode("utf-8", "surrogatepass")
+    placeholder = json.dumps(key)
+    pieces += [gap, placeholder]
+    chars += len(gap) + len(placeholder)
+    shifts.append((chars, (end - start) - len(placeholder)))
     last = end
   if not arrays:
     return json.loads(body)
-  pieces.append(body[last:])
+  pieces.append(body[last:].decode("utf-8", "surrogatepass"))
   try:
-    doc = json.loads(b"".join(pieces))
-  except (ValueError, RecursionError):
-    doc = None  # A span inside a string, say: let json.loads tell what is wrong.
+    doc = json.loads("".join(pieces))
+  except json.JSONDecodeError as e:
+    # Each placeholder stands where a valid array stood, in a value
+    # position, so json.loads(body) fails with this message, further on.
+    pos = e.pos + sum(shift for placeholder_end, shift in shifts
+                      if placeholder_end <= e.pos)
+    raise json.JSONDecodeError(e.msg, body.decode("utf-8", "surrogatepass"),
+                               pos) from None
+  del pieces
   found = set()
   doc = _put_back(doc, arrays, found)
-  if doc is None or len(found) != len(arrays):
-    arrays.clear()
+  if len(found) != len(arrays):  # Cannot happen; never answer wrongly if so.
     return json.loads(body)
   return doc
+
+
+def _in_string_after(body: bytes, start: int, stop: int, in_string: bool) -> bool:
+  """Whether body[stop] is inside a JSON string, given the state at `start`."""
+  for match in _QUOTE_OR_ESCAPE.finditer(body, start, stop):
+    if match.group() == b'"':
+      in_string = not in_string
+  return in_string
+
+
+def _in_value_position(body: bytes, start: int) -> bool:
+  # After ':' or '[' an array is a value for sure; after ',' it could be an
+  # object key, where json.loads(body) would fail with another message.
+  before = body[max(0, start - 64):start].rstrip(_WHITESPACE)
+  return before.endswith((b":", b"["))
 
 
 def _balanced_end(body: bytes, start: int, end: int) -> Optional[int]:
