@@ -79,6 +79,9 @@ _SMUGGLED = b"GET /v1/models/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
     (b"Content-Length: 1_0\r\n", 400, "bad Content-Length"),
     (b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", 400,
      "both Transfer-Encoding and Content-Length"),
+    (b"Content-Length : 2\r\n", 400, "malformed header line"),
+    (b"X-Other: 1\r\nTransfer-Encoding\t: chunked\r\nContent-Length: 2\r\n", 400,
+     "malformed header line"),
     (b"Transfer-Encoding: chunked\r\n", 411, "send Content-Length"),
     (b"Transfer-Encoding: gzip, chunked\r\n", 411, "send Content-Length"),
 ])
@@ -97,6 +100,10 @@ def test_ambiguous_framing_is_refused_and_nothing_smuggled(server, headers, stat
 def test_framing_is_checked_on_get_and_on_expect_100_too(server):
   raw = (f"GET {_STATUS} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
          "Content-Length: 0\r\n\r\n").encode() + _SMUGGLED
+  assert [s for s, _ in _responses(_exchange(server, raw))] == [400]
+  # A GET whose body a lenient proxy framed with "Content-Length : n".
+  raw = (f"GET {_STATUS} HTTP/1.1\r\nHost: x\r\nContent-Length : "
+         f"{len(_SMUGGLED)}\r\n\r\n").encode() + _SMUGGLED
   assert [s for s, _ in _responses(_exchange(server, raw))] == [400]
   raw = (f"POST {_PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
          "Content-Length: 3\r\nExpect: 100-continue\r\n\r\n").encode()

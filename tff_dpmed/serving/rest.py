@@ -13,8 +13,8 @@ with TF Serving's HTTP status for each gRPC code.
 What a client cannot make this server do:
 - read a body whose framing is ambiguous: two Content-Length headers (equal
   or not), a Content-Length that is not plain digits (int() would take
-  "+5", " 5" or "1_0"), or Transfer-Encoding (with Content-Length: 400,
-  without: 411). A proxy in front could read those differently, so one
+  "+5", " 5" or "1_0"), a header line the parser drops ("Content-Length :
+  5"), or Transfer-Encoding (with Content-Length: 400, without: 411). A proxy in front could read those differently, so one
   request could be smuggled inside another; each such request is refused and
   its connection closed unread;
 - read a body over --max_request_bytes (413, before it is sent when the
@@ -205,6 +205,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
   def _framed_body_length(self) -> Optional[int]:
     """The body's length (None: no Content-Length); HttpError if ambiguous."""
+    if self.headers.defects:
+      # E.g. "Content-Length : 5": the parser stops there and drops that and
+      # every later header, so the body would be read as the next request.
+      raise HttpError(400, "malformed header line "
+                      f"({type(self.headers.defects[0]).__name__}); send "
+                      "'Name: value' lines with no space before the colon",
+                      close=True)
     lengths = self.headers.get_all("Content-Length") or []
     if self.headers.get_all("Transfer-Encoding"):
       if lengths:
