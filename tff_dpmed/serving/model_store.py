@@ -6,9 +6,10 @@ name no version, every loaded version stays addressable, a background poller
 loads new versions and unloads deleted ones without a restart. Everything a
 request can get wrong is checked here and raised as a `ServingError` carrying
 the gRPC status code (and message) TF Serving would give, so both protocol
-front-ends answer identically. Predict, GetModelStatus and GetModelMetadata
-are answered here as protos; the front-ends (grpc_service.py, rest.py) only
-translate their wire format to and from these calls and never call each other.
+front-ends answer identically. Predict (numpy arrays in and out),
+GetModelStatus and GetModelMetadata (protos, and the metadata dict) are
+answered here; the front-ends (grpc_service.py, rest.py) only translate their
+wire format to and from these calls and never call each other.
 """
 
 import dataclasses
