@@ -143,9 +143,15 @@ def rest(server, method: str, path: str, body=None, raw: bytes = None):
     conn.request(method, path, body=data,
                  headers={"Content-Type": "application/json"})
     response = conn.getresponse()
-    return response.status, json.loads(response.read())
+    # Strict: NaN/Infinity are not JSON (issue 17 item 5).
+    return response.status, json.loads(response.read(),
+                                       parse_constant=_refuse_constant)
   finally:
     conn.close()
+
+
+def _refuse_constant(constant: str):
+  raise ValueError(f"the server sent {constant}, which strict JSON parsers refuse")
 
 
 def b64(data: bytes) -> dict:

@@ -42,6 +42,15 @@ _MAX_BATCH_SIZE = flags.DEFINE_integer(
 _MAX_REQUEST_BYTES = flags.DEFINE_integer(
     "max_request_bytes", server_lib.DEFAULT_MAX_REQUEST_BYTES,
     "Largest request body (REST) or message (gRPC), in bytes.")
+_REST_API_NUM_THREADS = flags.DEFINE_integer(
+    "rest_api_num_threads", server_lib.DEFAULT_REST_THREADS,
+    "REST handler threads (TF Serving's flag of the same name); more "
+    "connections wait in a bounded queue, beyond it they get 503.")
+_REST_MAX_INFLIGHT_BYTES = flags.DEFINE_integer(
+    "rest_max_inflight_bytes", None,
+    "REST request bodies held in memory at once, in bytes; a request waits "
+    "for room before its body is read. Default and minimum: "
+    "--max_request_bytes.")
 _POLL_SECONDS = flags.DEFINE_float(
     "poll_seconds", server_lib.DEFAULT_POLL_SECONDS,
     "How often to look for new or deleted version folders.")
@@ -66,6 +75,13 @@ def _check_flags() -> tuple[str, str]:
     raise UsageError("--max_batch_size must be at least 1")
   if _MAX_REQUEST_BYTES.value < 1024:
     raise UsageError("--max_request_bytes must be at least 1024")
+  if _REST_API_NUM_THREADS.value < 1:
+    raise UsageError("--rest_api_num_threads must be at least 1")
+  if (_REST_MAX_INFLIGHT_BYTES.value is not None and
+      _REST_MAX_INFLIGHT_BYTES.value < _MAX_REQUEST_BYTES.value):
+    raise UsageError("--rest_max_inflight_bytes must be at least "
+                     "--max_request_bytes, or one largest request could never"
+                     " be read")
   if not _POLL_SECONDS.value > 0:
     raise UsageError("--poll_seconds must be positive")
   return base_path, name
@@ -80,7 +96,9 @@ def main(argv: list[str]) -> None:
       base_path, name, host=_HOST.value, grpc_port=_PORT.value,
       rest_port=_REST_API_PORT.value, max_batch_size=_MAX_BATCH_SIZE.value,
       max_request_bytes=_MAX_REQUEST_BYTES.value,
-      poll_seconds=_POLL_SECONDS.value)
+      poll_seconds=_POLL_SECONDS.value,
+      rest_threads=_REST_API_NUM_THREADS.value,
+      rest_max_inflight_bytes=_REST_MAX_INFLIGHT_BYTES.value)
   stop = threading.Event()
 
   def on_signal(signum, frame):  # pylint: disable=unused-argument

@@ -29,17 +29,9 @@ _HINTS = {"batch_size": "--client_batch_size=32", "epochs": "--client_epochs=1",
           "shuffle_buffer": "shuffle_buffer=1000"}
 
 
-def preprocess_images(images) -> tf.Tensor:
-  """uint8 pixels -> float32 in [0, 1]. The one place the normalisation lives.
-
-  Training, evaluation and the exported serving model all call this, so they
-  cannot drift apart. Accepts a NumPy array or a tensor; returns a tensor.
-  """
-  images = tf.convert_to_tensor(images)
-  if images.dtype != tf.uint8:
-    raise UsageError(f"images to preprocess have dtype {images.dtype.name}, expected uint8: "
-                     "load them with tff_dpmed.data (which returns uint8)")
-  return tf.cast(images, tf.float32) / 255.0
+# Re-exported: the function lives in the TF-only module so that serving code
+# can use it without importing TFF.
+from tff_dpmed.data.preprocess import preprocess_images  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def preprocess_labels(labels, info: DatasetInfo) -> tf.Tensor:

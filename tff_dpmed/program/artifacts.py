@@ -27,8 +27,23 @@ def exported_config(config: dict) -> dict:
 
 
 def load_final_weights(run_dir: str) -> list:
-  with np.load(os.path.join(run_dir, FINAL_WEIGHTS), allow_pickle=False) as f:
-    return [f[f"arr_{i}"] for i in range(len(f.files))]
+  """The arrays save_final_weights wrote; UsageError if the file is damaged."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(run_dir, FINAL_WEIGHTS)
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      # Every array is read here, so a truncated member fails now, not later.
+      return [f[f"arr_{i}"] for i in range(len(f.files))]
+  except FileNotFoundError:
+    raise UsageError(f"{path} does not exist: pass the folder of a run that "
+                     "completed") from None
+  except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile,
+          zlib.error) as e:
+    reason = " ".join(str(e).split()) or type(e).__name__
+    raise UsageError(f"cannot read {path} ({reason}): the file is truncated or "
+                     "corrupt; resume or rerun the training run to write it "
+                     "again") from None
 
 
 def export_final_model(run_dir: str, keras_model, info: DatasetInfo, summary: dict) -> str:
@@ -51,9 +66,21 @@ def load_trained_model(run_dir: str):
                      "pass the folder of a run that completed")
   with open(summary_path) as f:
     summary = json.load(f)
-  info = DatasetInfo.from_json(summary["dataset"])
-  keras_model = models.build_model(summary["config"]["model"], info)
-  keras_model.set_weights(load_final_weights(run_dir))
+  try:
+    missing = [k for k in ("privacy", "test_accuracy", "test_auc") if k not in summary]
+    if missing:
+      raise KeyError(", ".join(missing))
+    info = DatasetInfo.from_json(summary["dataset"])
+    model_name = summary["config"]["model"]
+  except (KeyError, TypeError, ValueError) as e:
+    raise UsageError(f"{summary_path} lacks what export needs ({type(e).__name__}:"
+                     f" {e}): was the run written by this version of "
+                     "tff_dpmed.train?") from None
+  # Read (and checked) before the model is built: a damaged file must not be
+  # reported as weights that no longer fit the model.
+  weights = load_final_weights(run_dir)
+  keras_model = models.build_model(model_name, info)
+  keras_model.set_weights(weights)
   metadata = {"model_name": summary["config"]["model"], "dataset": info.to_json(),
               "privacy": summary["privacy"], "training_config": exported_config(summary["config"]),
               "test_accuracy": summary["test_accuracy"], "test_auc": summary["test_auc"]}

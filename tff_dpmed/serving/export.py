@@ -22,26 +22,32 @@ probable label; a caller that wants every present label thresholds
 `probabilities` itself. Preprocessing (uint8 / 255) lives inside the graph, so
 clients send raw pixels and never need to know the normalisation; it is the
 data layer's `preprocess_images`, the same function training uses.
+
+Nothing here imports TensorFlow Federated (tests/test_serving_cli.py
+checks it): the PNG/JPEG decoding lives in image_bytes.py, the metadata json
+in export_metadata.py.
 """
 
 import datetime
-import json
 import os
 import re
 import shutil
 import tempfile
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 import tff_dpmed
+from tff_dpmed.data.preprocess import preprocess_images
 from tff_dpmed.data.types import DatasetInfo
 from tff_dpmed.errors import UsageError
 from tff_dpmed.models import probabilities
+from tff_dpmed.serving.export_metadata import METADATA_DIR, METADATA_FILENAME, read_export_metadata  # pylint: disable=unused-import
+from tff_dpmed.serving.export_metadata import write_export_metadata
+from tff_dpmed.serving.image_bytes import MAX_DECODED_PIXELS, decode_image  # pylint: disable=unused-import
 
 SIGNATURE_IMAGES = "serving_default"
 SIGNATURE_PREDICT = "predict"
@@ -52,22 +58,14 @@ OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_CLASS_INDEX = "class_index"
 OUTPUT_CLASS_NAME = "class_name"
 
-METADATA_DIR = "assets.extra"
-METADATA_FILENAME = "tff_dpmed_metadata.json"
 MODELS_CONFIG_FILENAME = "models.config"
 # The folder TF Serving's docker image serves from; models.config points there.
 DEFAULT_SERVING_ROOT = "/models"
-
-# An encoded image may declare at most this many pixels: a tiny PNG can declare
-# 50000 x 50000 and would need gigabytes to decode, taking the server down.
-MAX_DECODED_PIXELS = 8192 * 8192
 
 # Keys this module writes into the metadata json; callers' keys must not clash.
 _RESERVED_METADATA_KEYS = ("dataset_info", "serving")
 # TF Serving's REST paths take the model name as one URL segment ([^/:]+).
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def check_model_name(model_name: str) -> None:
@@ -86,24 +84,11 @@ def list_versions(model_dir: str) -> list[int]:
   """
   try:
     names = os.listdir(model_dir)
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):
     return []
   return sorted(
       int(n) for n in names
       if n.isdigit() and n.isascii() and os.path.isdir(os.path.join(model_dir, n)))
-
-
-def read_export_metadata(version_dir: str) -> dict:
-  """Reads `assets.extra/tff_dpmed_metadata.json` of one exported version."""
-  path = os.path.join(version_dir, METADATA_DIR, METADATA_FILENAME)
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise UsageError(f"{path} does not exist: is {version_dir} a version folder "
-                     "written by tff_dpmed's export?") from None
-  except (OSError, ValueError) as e:
-    raise UsageError(f"cannot read {path}: {e}") from None
 
 
 def export_saved_model(keras_model: tf.keras.Model, info: DatasetInfo,
@@ -140,6 +125,7 @@ def export_saved_model(keras_model: tf.keras.Model, info: DatasetInfo,
   if clash:
     raise UsageError(f"metadata keys {clash} are written by the export itself; "
                      "rename them")
+  read_models_config(export_base)  # Refuse a corrupt config before writing.
 
   model_dir = os.path.join(export_base, model_name)
   os.makedirs(model_dir, exist_ok=True)
@@ -175,14 +161,7 @@ def write_models_config(export_base: str, model_name: str,
   """
   check_model_name(model_name)
   path = os.path.join(export_base, MODELS_CONFIG_FILENAME)
-  config = model_server_config_pb2.ModelServerConfig()
-  if os.path.exists(path):
-    try:
-      with open(path, encoding="utf-8") as f:
-        text_format.Parse(f.read(), config)
-    except (OSError, text_format.ParseError) as e:
-      raise UsageError(f"cannot update {path}: {e}; delete it and export again"
-                       ) from None
+  config = read_models_config(export_base)
   entries = config.model_config_list.config
   kept = [c for c in entries if c.name != model_name]
   del entries[:]
@@ -195,6 +174,28 @@ def write_models_config(export_base: str, model_name: str,
   os.makedirs(export_base, exist_ok=True)
   _write_atomically(path, text_format.MessageToString(config))
   return path
+
+
+def read_models_config(export_base: str
+                       ) -> model_server_config_pb2.ModelServerConfig:
+  """The existing `<export_base>/models.config` (empty if none); UsageError if bad.
+
+  Export calls this before writing anything, so a corrupt config stops it
+  before a new version appears that the config would then fail to list.
+  """
+  path = os.path.join(export_base, MODELS_CONFIG_FILENAME)
+  config = model_server_config_pb2.ModelServerConfig()
+  if not os.path.lexists(path):
+    return config
+  try:
+    with open(path, encoding="utf-8") as f:
+      text_format.Parse(f.read(), config)
+  except (OSError, UnicodeDecodeError, text_format.ParseError) as e:
+    reason = " ".join(str(e).split())
+    raise UsageError(f"{path} is not a valid TF Serving model config ({reason}):"
+                     " fix it, or delete it and export again (export rewrites"
+                     " it); nothing was exported") from None
+  return config
 
 
 def _check_info(info: DatasetInfo) -> None:
@@ -222,15 +223,6 @@ def _check_model_output(keras_model: tf.keras.Model, info: DatasetInfo) -> None:
 
 def _serving_module(keras_model: tf.keras.Model, info: DatasetInfo):
   """A tf.Module with the serving functions, and the signatures map."""
-  # Imported here, not at the top: client_data pulls in TFF, which the
-  # server (it imports this module's constants) has no use for.
-  from tff_dpmed.data.client_data import preprocess_images  # pylint: disable=g-import-not-at-top
-  # Importing TFF installs a default context whose worker manager's __del__
-  # fails at interpreter exit ("Exception ignored ... 'NoneType' object has no
-  # attribute 'Popen'") in a process that only exports, e.g. the export CLI;
-  # importing the runtime owner replaces that context (and starts no worker).
-  from tff_dpmed.federated import context as _  # pylint: disable=g-import-not-at-top,unused-import
-
   height, width, channels = (int(d) for d in info.image_shape)
   class_names = tf.constant(list(info.class_names), dtype=tf.string)
 
@@ -254,7 +246,7 @@ def _serving_module(keras_model: tf.keras.Model, info: DatasetInfo):
       tf.TensorSpec([None], tf.string, name=INPUT_IMAGE_BYTES)])
   def serve_image_bytes(image_bytes):
     images = tf.map_fn(
-        lambda data: _decode_image(data, height, width, channels),
+        lambda data: decode_image(data, height, width, channels),
         image_bytes,
         fn_output_signature=tf.TensorSpec([height, width, channels], tf.uint8))
     return outputs_for(images)
@@ -272,59 +264,6 @@ def _serving_module(keras_model: tf.keras.Model, info: DatasetInfo):
       SIGNATURE_IMAGE_BYTES: serve_image_bytes.get_concrete_function(),
   }
   return module, signatures
-
-
-def _decode_image(data: tf.Tensor, height: int, width: int,
-                  channels: int) -> tf.Tensor:
-  """One PNG/JPEG file -> uint8 [height, width, channels]; InvalidArgument if bad.
-
-  Resizing is bilinear with antialiasing (which only acts when shrinking),
-  rounded back to uint8; an image already height x width is passed through
-  unchanged, so a PNG of a dataset image gives exactly the uint8 input.
-  """
-  is_png = tf.equal(tf.strings.substr(data, 0, len(_PNG_MAGIC)), _PNG_MAGIC)
-  is_jpeg = tf.equal(tf.strings.substr(data, 0, len(_JPEG_MAGIC)), _JPEG_MAGIC)
-  checks = [tf.debugging.Assert(
-      tf.logical_or(is_png, is_jpeg),
-      ["image_bytes must hold PNG or JPEG files (over REST, send each as a "
-       "b64 object)"])]
-  with tf.control_dependencies(checks):
-    pixels = tf.cond(is_png, lambda: _png_declared_pixels(data),
-                     lambda: _jpeg_declared_pixels(data))
-  too_big = tf.debugging.Assert(
-      tf.less_equal(pixels, MAX_DECODED_PIXELS),
-      [tf.strings.format("image declares {} pixels; at most {} are accepted",
-                         (pixels, MAX_DECODED_PIXELS))])
-  with tf.control_dependencies([too_big]):
-    image = tf.io.decode_image(data, channels=channels, dtype=tf.uint8,
-                               expand_animations=False)
-  image.set_shape([None, None, channels])
-  shape = tf.shape(image)
-  same_size = tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width))
-
-  def resize():
-    resized = tf.image.resize(image, [height, width], antialias=True)
-    return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
-
-  return tf.cond(same_size, lambda: image, resize)
-
-
-def _png_declared_pixels(data: tf.Tensor) -> tf.Tensor:
-  # IHDR is always first: width and height are big-endian uint32 at bytes 16-23.
-  long_enough = tf.debugging.Assert(tf.strings.length(data) >= 24,
-                                    ["truncated PNG file"])
-  with tf.control_dependencies([long_enough]):
-    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 16, 8), tf.uint8),
-                  tf.int64)
-  weights = tf.constant([1 << 24, 1 << 16, 1 << 8, 1], tf.int64)
-  width = tf.reduce_sum(raw[:4] * weights)
-  height = tf.reduce_sum(raw[4:] * weights)
-  return width * height
-
-
-def _jpeg_declared_pixels(data: tf.Tensor) -> tf.Tensor:
-  shape = tf.image.extract_jpeg_shape(data, output_type=tf.int32)
-  return tf.cast(shape[0], tf.int64) * tf.cast(shape[1], tf.int64)
 
 
 def _rename_to_next_version(tmp_dir: str, model_dir: str, info: DatasetInfo,
@@ -368,25 +307,7 @@ def _write_metadata(saved_model_dir: str, info: DatasetInfo, model_name: str,
           OUTPUT_CLASS_NAME: "string [batch]: class_names[class_index]",
       },
   }
-  try:
-    text = json.dumps(doc, indent=2, sort_keys=True, default=_json_default)
-  except (TypeError, ValueError) as e:
-    raise UsageError(f"export metadata is not JSON-serialisable: {e}") from None
-  os.makedirs(os.path.join(saved_model_dir, METADATA_DIR), exist_ok=True)
-  with open(os.path.join(saved_model_dir, METADATA_DIR, METADATA_FILENAME), "w",
-            encoding="utf-8") as f:
-    f.write(text + "\n")
-
-
-def _json_default(value: Any) -> Any:
-  # Training configs often carry numpy scalars and tuples-as-arrays.
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  if isinstance(value, (set, frozenset)):
-    return sorted(value)
-  raise TypeError(f"{type(value).__name__} value {value!r} is not JSON-serialisable")
+  write_export_metadata(saved_model_dir, doc)
 
 
 def _write_atomically(path: str, text: str) -> None:

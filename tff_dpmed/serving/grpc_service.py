@@ -3,7 +3,8 @@
 Same protos, method names and status codes as `tensorflow_model_server`, so a
 client built on `tensorflow_serving.apis` works against either unchanged.
 Implemented: Predict, GetModelMetadata, GetModelStatus. Classify, Regress,
-MultiInference and HandleReloadConfigRequest answer UNIMPLEMENTED.
+MultiInference and HandleReloadConfigRequest answer UNIMPLEMENTED. Depends
+only on the store (model_store.py), as the REST front-end does.
 """
 
 import functools
@@ -20,7 +21,6 @@ from google.protobuf import struct_pb2
 from tensorflow.core.framework import tensor_pb2
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
-from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import model_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
@@ -28,11 +28,6 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from tff_dpmed.serving import model_store as store_lib
 from tff_dpmed.serving.model_store import ModelStore, ServingError, invalid
-
-SIGNATURE_DEF_FIELD = "signature_def"
-# Not in TF Serving: the export's metadata json (privacy guarantee included),
-# packed as a google.protobuf.Struct. Only sent when asked for by name.
-TFF_DPMED_METADATA_FIELD = "tff_dpmed_metadata"
 
 _log = logging.getLogger("tff_dpmed.serve")
 
@@ -164,26 +159,18 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
   def GetModelMetadata(self, request, context):
     if not request.HasField("model_spec"):
       raise invalid("Missing ModelSpec")
-    if not request.metadata_field:
-      raise invalid("GetModelMetadataRequest must specify at least one "
-                    "metadata_field")
-    for field in request.metadata_field:
-      if field not in (SIGNATURE_DEF_FIELD, TFF_DPMED_METADATA_FIELD):
-        raise invalid(f"Metadata field {field} is not supported")
-    servable = resolve_spec(self._store, request.model_spec)
+    version, label = spec_version(request.model_spec)
+    servable, fields = self._store.model_metadata(
+        request.model_spec.name, version, label, list(request.metadata_field))
     response = get_model_metadata_pb2.GetModelMetadataResponse()
     response.model_spec.name = servable.name
     response.model_spec.version.value = servable.version
-    if SIGNATURE_DEF_FIELD in request.metadata_field:
-      response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_def_map(servable))
-    if TFF_DPMED_METADATA_FIELD in request.metadata_field:
-      if servable.export_metadata is None:
-        raise ServingError(grpc.StatusCode.NOT_FOUND,
-                           f"version {servable.version} has no "
-                           "tff_dpmed metadata (not exported by tff_dpmed)")
-      struct = struct_pb2.Struct()
-      json_format.ParseDict(servable.export_metadata, struct)
-      response.metadata[TFF_DPMED_METADATA_FIELD].Pack(struct)
+    for field, value in fields.items():
+      if isinstance(value, dict):
+        struct = struct_pb2.Struct()
+        json_format.ParseDict(value, struct)
+        value = struct
+      response.metadata[field].Pack(value)
     return response
 
   @_rpc
@@ -209,37 +196,14 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
   def GetModelStatus(self, request, context):
     if not request.HasField("model_spec"):
       raise invalid("Missing ModelSpec")
-    return model_status(self._store, request.model_spec)
+    version, label = spec_version(request.model_spec)
+    return self._store.model_status(request.model_spec.name, version, label)
 
   @_rpc
   def HandleReloadConfigRequest(self, request, context):
     raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
                        "HandleReloadConfigRequest is not supported: this server "
                        "serves one model and picks up new versions by itself")
-
-
-def signature_def_map(servable: store_lib.Servable
-                      ) -> get_model_metadata_pb2.SignatureDefMap:
-  result = get_model_metadata_pb2.SignatureDefMap()
-  for name, signature_def in servable.signature_defs.items():
-    result.signature_def[name].CopyFrom(signature_def)
-  return result
-
-
-def model_status(store: ModelStore, spec: model_pb2.ModelSpec
-                 ) -> get_model_status_pb2.GetModelStatusResponse:
-  """GetModelStatus for a ModelSpec; shared with the REST status endpoint."""
-  version, label = spec_version(spec)
-  if label is not None:
-    raise invalid(f"Unrecognized servable version label: {label}")
-  response = get_model_status_pb2.GetModelStatusResponse()
-  for v, state in store.version_states(spec.name, version):
-    entry = response.model_version_status.add()
-    entry.version = v
-    entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(state.state)
-    entry.status.error_code = state.error_code.value[0]
-    entry.status.error_message = state.error_message
-  return response
 
 
 def _unimplemented(method: str) -> ServingError:

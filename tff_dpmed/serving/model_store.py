@@ -1,4 +1,4 @@
-"""Loaded model versions and the Predict logic that gRPC and REST share.
+"""Loaded model versions and the request logic that gRPC and REST share.
 
 `ModelStore` watches `<model_base_path>/<version>/` the way TF Serving does:
 integer folder names only, the newest available version answers requests that
@@ -6,26 +6,36 @@ name no version, every loaded version stays addressable, a background poller
 loads new versions and unloads deleted ones without a restart. Everything a
 request can get wrong is checked here and raised as a `ServingError` carrying
 the gRPC status code (and message) TF Serving would give, so both protocol
-front-ends answer identically.
+front-ends answer identically. Predict (numpy arrays in and out),
+GetModelStatus and GetModelMetadata (protos, and the metadata dict) are
+answered here; the front-ends (grpc_service.py, rest.py) only translate their
+wire format to and from these calls and never call each other.
 """
 
 import dataclasses
-import json
 import logging
 import os
 import threading
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import grpc
 import numpy as np
 import tensorflow as tf
 
-from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow_serving.apis import get_model_status_pb2
 
 from tff_dpmed.serving import export
+from tff_dpmed.serving.servable import (  # pylint: disable=unused-import
+    DEFAULT_SIGNATURE, Servable, ServingError, Signature, invalid, load_servable,
+    shape_string, signature_def_map)
 
-DEFAULT_SIGNATURE = "serving_default"
+SIGNATURE_DEF_FIELD = "signature_def"
+# Not in TF Serving: the export's metadata json (privacy guarantee included).
+# gRPC sends it only when asked for by name, packed as a google.protobuf.Struct;
+# REST adds it under metadata (TF Serving's REST clients ignore extra keys).
+TFF_DPMED_METADATA_FIELD = "tff_dpmed_metadata"
+METADATA_FIELDS = (SIGNATURE_DEF_FIELD, TFF_DPMED_METADATA_FIELD)
 STATE_LOADING = "LOADING"
 STATE_AVAILABLE = "AVAILABLE"
 STATE_END = "END"
@@ -35,89 +45,11 @@ _log = logging.getLogger("tff_dpmed.serve")
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
-class ServingError(Exception):
-  """A request failed; `code` is the gRPC status code, `message` says why."""
-
-  def __init__(self, code: grpc.StatusCode, message: str):
-    super().__init__(message)
-    self.code = code
-    self.message = message
-
-
-def invalid(message: str) -> ServingError:
-  return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-@dataclasses.dataclass(frozen=True)
-class Signature:
-  """One callable signature of a loaded version."""
-
-  name: str
-  function: tf.types.experimental.ConcreteFunction
-  inputs: Mapping[str, tf.TensorSpec]
-  outputs: Sequence[str]
-
-
-@dataclasses.dataclass(frozen=True)
-class Servable:
-  """One loaded version of the model."""
-
-  name: str
-  version: int
-  path: str
-  signature_defs: Mapping[str, meta_graph_pb2.SignatureDef]
-  signatures: Mapping[str, Signature]
-  export_metadata: Optional[dict]  # assets.extra/tff_dpmed_metadata.json
-  # Keeps the loaded object, which owns the variables, alive with the servable.
-  loaded: object = dataclasses.field(repr=False, compare=False)
-
-  def signature(self, name: str) -> Signature:
-    name = name or DEFAULT_SIGNATURE
-    if name not in self.signatures:
-      # TF Serving's message and code (FAILED_PRECONDITION) for Predict.
-      raise ServingError(
-          grpc.StatusCode.FAILED_PRECONDITION,
-          f'Serving signature key "{name}" not found. This model has: '
-          f"{', '.join(sorted(self.signatures))}.")
-    return self.signatures[name]
-
-
 @dataclasses.dataclass(frozen=True)
 class VersionState:
   state: str
   error_code: grpc.StatusCode = grpc.StatusCode.OK
   error_message: str = ""
-
-
-def load_servable(name: str, version: int, path: str) -> Servable:
-  """Loads one version folder; raises whatever TF raises on a bad SavedModel."""
-  with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-    proto = saved_model_pb2.SavedModel.FromString(f.read())
-  serve_graphs = [g for g in proto.meta_graphs
-                  if "serve" in g.meta_info_def.tags] or list(proto.meta_graphs)
-  signature_defs = dict(serve_graphs[0].signature_def) if serve_graphs else {}
-  loaded = tf.saved_model.load(path, tags=["serve"])
-  signatures = {}
-  for sig_name, fn in loaded.signatures.items():
-    _, kwargs = fn.structured_input_signature
-    signatures[sig_name] = Signature(
-        name=sig_name, function=fn, inputs=dict(kwargs),
-        outputs=tuple(sorted(fn.structured_outputs)))
-  metadata = None
-  meta_path = os.path.join(path, export.METADATA_DIR, export.METADATA_FILENAME)
-  if os.path.exists(meta_path):
-    try:
-      with open(meta_path, encoding="utf-8") as f:
-        metadata = json.load(f)
-    except (OSError, ValueError) as e:
-      _log.warning("ignoring unreadable %s: %s", meta_path, e)
-  return Servable(name=name, version=version, path=path,
-                  signature_defs=signature_defs, signatures=signatures,
-                  export_metadata=metadata, loaded=loaded)
-
-
-def shape_string(shape: Iterable[Optional[int]]) -> str:
-  return "[" + ",".join("-1" if d is None else str(d) for d in shape) + "]"
 
 
 class ModelStore:
@@ -248,6 +180,50 @@ class ModelStore:
                            f"Could not find version {version} of model {name}")
       return [(version, states[version])]
     return sorted(states.items(), reverse=True)
+
+  def model_status(self, name: str, version: Optional[int] = None,
+                   label: Optional[str] = None
+                   ) -> get_model_status_pb2.GetModelStatusResponse:
+    """GetModelStatus, for both front-ends."""
+    if label is not None:
+      raise invalid(f"Unrecognized servable version label: {label}")
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for v, state in self.version_states(name, version):
+      entry = response.model_version_status.add()
+      entry.version = v
+      entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(state.state)
+      entry.status.error_code = state.error_code.value[0]
+      entry.status.error_message = state.error_message
+    return response
+
+  def model_metadata(
+      self, name: str, version: Optional[int], label: Optional[str],
+      fields: Sequence[str] = METADATA_FIELDS, missing_ok: bool = False
+  ) -> tuple[Servable, dict[str, Union[get_model_metadata_pb2.SignatureDefMap,
+                                       dict]]]:
+    """GetModelMetadata: (servable, {field: SignatureDefMap or metadata dict}).
+
+    A version exported by something other than tff_dpmed has no
+    tff_dpmed_metadata: NOT_FOUND if asked for, left out if `missing_ok`.
+    """
+    if not fields:
+      raise invalid("GetModelMetadataRequest must specify at least one "
+                    "metadata_field")
+    for field in fields:
+      if field not in METADATA_FIELDS:
+        raise invalid(f"Metadata field {field} is not supported")
+    servable = self.resolve(name, version, label)
+    result = {}
+    if SIGNATURE_DEF_FIELD in fields:
+      result[SIGNATURE_DEF_FIELD] = signature_def_map(servable)
+    if TFF_DPMED_METADATA_FIELD in fields:
+      if servable.export_metadata is not None:
+        result[TFF_DPMED_METADATA_FIELD] = servable.export_metadata
+      elif not missing_ok:
+        raise ServingError(grpc.StatusCode.NOT_FOUND,
+                           f"version {servable.version} has no "
+                           "tff_dpmed metadata (not exported by tff_dpmed)")
+    return servable, result
 
   def check_inputs(self, signature: Signature,
                    inputs: Mapping[str, tuple[tf.DType, Sequence[int]]]) -> None:

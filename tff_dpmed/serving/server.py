@@ -1,8 +1,9 @@
 """A TF Serving-compatible model server: one ModelStore behind gRPC and REST.
 
 `ModelServer` wires the pieces together; `tff_dpmed.serve` is its CLI. The
-store (model_store.py) holds the versions and the Predict logic, and the two
-front-ends (grpc_service.py, rest.py) only translate their wire formats.
+store (model_store.py) holds the versions and answers Predict, status and
+metadata; the two front-ends (grpc_service.py, rest.py, with json_codec.py)
+only translate their wire formats, and neither imports the other.
 """
 
 import concurrent.futures
@@ -24,6 +25,7 @@ DEFAULT_REST_PORT = 8501
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_BATCH_SIZE = 128
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+DEFAULT_REST_THREADS = rest.DEFAULT_NUM_THREADS
 DEFAULT_POLL_SECONDS = 1.0  # TF Serving's --file_system_poll_wait_seconds.
 
 _log = logging.getLogger("tff_dpmed.serve")
@@ -34,6 +36,16 @@ def check_model_base_path(model_base_path: str) -> None:
   if not os.path.isdir(model_base_path):
     raise UsageError(f"--model_base_path {model_base_path} is not a folder: pass "
                      "<export_base>/<model_name>, which holds version folders")
+  if os.path.exists(os.path.join(model_base_path, export.MODELS_CONFIG_FILENAME)):
+    # The export root: TF Serving's --model_config_file goes here, but
+    # --model_base_path is one model's folder under it.
+    models = [d for d in sorted(os.listdir(model_base_path))
+              if export.list_versions(os.path.join(model_base_path, d))]
+    example = os.path.join(model_base_path, models[0] if models else "<model_name>")
+    raise UsageError(
+        f"--model_base_path {model_base_path} is the export root (it holds "
+        f"{export.MODELS_CONFIG_FILENAME}); pass one model's folder under it, "
+        f"e.g. --model_base_path={example}")
   if os.path.exists(os.path.join(model_base_path, "saved_model.pb")):
     raise UsageError(
         f"--model_base_path {model_base_path} is a version folder; pass its "
@@ -56,7 +68,9 @@ class ModelServer:
                max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                poll_seconds: float = DEFAULT_POLL_SECONDS,
-               grpc_workers: int = 16):
+               grpc_workers: int = 16,
+               rest_threads: int = DEFAULT_REST_THREADS,
+               rest_max_inflight_bytes: Optional[int] = None):
     self.model_name = model_name
     self.host = host
     # TF leaves ~500k long-lived Python objects; a full GC pass over them
@@ -68,6 +82,8 @@ class ModelServer:
     self._rest_port = rest_port
     self._max_request_bytes = max_request_bytes
     self._grpc_workers = grpc_workers
+    self._rest_threads = rest_threads
+    self._rest_max_inflight_bytes = rest_max_inflight_bytes
     self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
     self._grpc_server: Optional[grpc.Server] = None
     self._rest_server: Optional[rest.RestServer] = None
@@ -107,8 +123,10 @@ class ModelServer:
                        " (in use?); pick another with --port")
     self._grpc_port = port
     try:
-      self._rest_server = rest.RestServer(self.store, self.host, self._rest_port,
-                                          self._max_request_bytes)
+      self._rest_server = rest.RestServer(
+          self.store, self.host, self._rest_port, self._max_request_bytes,
+          num_threads=self._rest_threads,
+          max_inflight_bytes=self._rest_max_inflight_bytes)
     except OSError as e:
       self._executor.shutdown(wait=False)
       raise UsageError(f"cannot listen for REST on {self.host}:{self._rest_port}"
