@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from tff_dpmed import models
-from tff_dpmed.data.client_data import preprocess_images
+from tff_dpmed.data.preprocess import preprocess_images
 from tff_dpmed.data.types import DatasetInfo
 from tff_dpmed.errors import UsageError
 from tff_dpmed.program import audit

@@ -17,6 +17,7 @@ from tff_dpmed.errors import UsageError
 # Imports TensorFlow before absl's app.run: with TF 2.14 a first import inside
 # main leaves tf.executing_eagerly() True while Keras builds functional
 # models, and Flatten then fails on the unknown batch size.
+from tff_dpmed.program import artifacts
 from tff_dpmed.serving import export
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None,
@@ -30,9 +31,6 @@ def main(argv: list[str]) -> None:
     raise UsageError("--run_dir is required: the folder of a finished run")
   if not os.path.isdir(_RUN_DIR.value):
     raise UsageError(f"--run_dir {_RUN_DIR.value} is not a folder")
-  # Lazy: the program layer may pull in TFF, which --help should not wait for.
-  from tff_dpmed.program import artifacts  # pylint: disable=g-import-not-at-top
-
   try:
     keras_model, info, metadata = artifacts.load_trained_model(_RUN_DIR.value)
   except json.JSONDecodeError as e:

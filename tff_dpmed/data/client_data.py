@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tff_dpmed.data.preprocess import preprocess_images
 from tff_dpmed.data.types import DatasetInfo
 from tff_dpmed.errors import UsageError
 
@@ -27,11 +28,6 @@ MAX_EMBEDDED_BYTES = 1 << 30
 # How a user sets each size (train.py's flags), for error messages.
 _HINTS = {"batch_size": "--client_batch_size=32", "epochs": "--client_epochs=1",
           "shuffle_buffer": "shuffle_buffer=1000"}
-
-
-# Re-exported: the function lives in the TF-only module so that serving code
-# can use it without importing TFF.
-from tff_dpmed.data.preprocess import preprocess_images  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def preprocess_labels(labels, info: DatasetInfo) -> tf.Tensor:

@@ -2,12 +2,15 @@
 
 import json
 import os
+import zipfile
+import zlib
 
 import numpy as np
 
 from tff_dpmed import models
 from tff_dpmed.data.types import DatasetInfo
 from tff_dpmed.errors import UsageError
+from tff_dpmed.serving import export as export_lib
 
 FINAL_WEIGHTS = "final_weights.npz"
 
@@ -28,8 +31,6 @@ def exported_config(config: dict) -> dict:
 
 def load_final_weights(run_dir: str) -> list:
   """The arrays save_final_weights wrote; UsageError if the file is damaged."""
-  import zipfile  # pylint: disable=g-import-not-at-top
-  import zlib  # pylint: disable=g-import-not-at-top
   path = os.path.join(run_dir, FINAL_WEIGHTS)
   try:
     with np.load(path, allow_pickle=False) as f:
@@ -48,7 +49,6 @@ def load_final_weights(run_dir: str) -> list:
 
 def export_final_model(run_dir: str, keras_model, info: DatasetInfo, summary: dict) -> str:
   """Exports a new SavedModel version in TF Serving's layout; returns its path."""
-  from tff_dpmed.serving import export as export_lib  # Keeps TF Serving code off the import path.
   config = exported_config(summary["config"])
   metadata = {"model_name": config["model"], "dataset": info.to_json(),
               "privacy": summary["privacy"], "training_config": config,

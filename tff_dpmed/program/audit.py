@@ -45,7 +45,7 @@ from tensorflow_privacy.privacy.privacy_tests.membership_inference_attack import
     membership_inference_attack as mia)
 
 from tff_dpmed.data import registry
-from tff_dpmed.data.client_data import preprocess_images
+from tff_dpmed.data.preprocess import preprocess_images
 from tff_dpmed.data.types import DatasetInfo
 from tff_dpmed.errors import UsageError
 from tff_dpmed.files import write_json_atomic

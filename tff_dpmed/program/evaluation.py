@@ -5,7 +5,7 @@ from sklearn import metrics as sk_metrics
 import tensorflow as tf
 
 from tff_dpmed import models
-from tff_dpmed.data.client_data import preprocess_images
+from tff_dpmed.data.preprocess import preprocess_images
 from tff_dpmed.data.types import DatasetInfo
 
 
