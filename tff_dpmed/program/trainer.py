@@ -160,25 +160,12 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
       splits.train_images, splits.train_labels, run.partitions, info,
       batch_size=cfg.client_batch_size, epochs=cfg.client_epochs,
       seed=0 if cfg.seed is None else cfg.seed)
-  tff_model = process_lib.make_functional_model(cfg.model, info,
-                                                federated_data.element_type_structure, cfg.seed)
-  # Per-client train metrics are plain sums outside any DP mechanism: in DP
-  # modes they are not released unless --debug_metrics asks for them.
-  release_client_metrics = mechanism.spec.mode is DPMode.NONE or cfg.debug_metrics
-  process = process_lib.build_learning_process(
-      tff_model, mechanism, process_lib.OptimizerConfig(
-          cfg.client_learning_rate, cfg.server_learning_rate, cfg.server_momentum),
-      release_client_metrics=release_client_metrics)
+  process, release_client_metrics = build_process(run, federated_data)
   for key, value in mechanism.noise_choices().items():
     _log(f"note: {key}={value}")
-  # Clients build their datasets on the worker from their id, so no dataset
-  # graph is serialised per client per round.
-  process = tff.simulation.compose_dataset_computation_with_learning_process(
-      federated_data.dataset_computation, process)
   initial = _initial_weights(cfg, info)
   learning_state = process.set_model_weights(process.initialize(), initial)
-  sampler = ClientSampler(cfg.num_clients, cfg.clients_per_round, cfg.dp.sampling.value,
-                          seed=run_dir_lib.sampling_seed(cfg))
+  sampler = make_sampler(cfg)
   state = loop.ProgramState(learning_state=learning_state, round=0,
                             sampler=sampler.get_state(),
                             best_weights=list(initial.trainable) + list(initial.non_trainable))
@@ -200,6 +187,32 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
   finally:
     parts.metrics_log.close()
   return _finish(run, process, state, ledger, time.time() - start_time)
+
+
+def make_sampler(cfg: RunConfig) -> ClientSampler:
+  """Client sampling as the accountant assumes it, seeded only where that protects nothing."""
+  return ClientSampler(cfg.num_clients, cfg.clients_per_round, cfg.dp.sampling.value,
+                       seed=run_dir_lib.sampling_seed(cfg))
+
+
+def build_process(run: PreparedRun, federated_data):
+  """The learning process with the clients' data composed in, and whether it
+  releases per-client train metrics (only without DP, or with --debug_metrics)."""
+  cfg, info, mechanism = run.config, run.splits.info, run.mechanism
+  tff_model = process_lib.make_functional_model(cfg.model, info,
+                                                federated_data.element_type_structure, cfg.seed)
+  # Per-client train metrics are plain sums outside any DP mechanism: in DP
+  # modes they are not released unless --debug_metrics asks for them.
+  release_client_metrics = not mechanism.states_guarantee or cfg.debug_metrics
+  process = process_lib.build_learning_process(
+      tff_model, mechanism, process_lib.OptimizerConfig(
+          cfg.client_learning_rate, cfg.server_learning_rate, cfg.server_momentum),
+      release_client_metrics=release_client_metrics)
+  # Clients build their datasets on the worker from their id, so no dataset
+  # graph is serialised per client per round.
+  process = tff.simulation.compose_dataset_computation_with_learning_process(
+      federated_data.dataset_computation, process)
+  return process, release_client_metrics
 
 
 def _check_finite_for(client_metrics_released: bool, partitions, epochs):
