@@ -5,10 +5,10 @@ import sys
 from typing import Callable, Sequence
 
 # TensorFlow's C++ start-up lines (oneDNN, cuDNN, cuFFT, cuBLAS, TensorRT,
-# grappler) tell a CPU user nothing: hide everything below errors unless
+# grappler; some logged as errors) tell a CPU user nothing: hide them unless
 # --verbosity (absl's flag) asks for detail. Set before any CLI imports TF.
 if not any(arg.startswith(("--verbosity", "-v=", "--v=")) for arg in sys.argv[1:]):
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app
 from absl import flags

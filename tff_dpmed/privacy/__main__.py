@@ -12,12 +12,15 @@ strict: an unbounded epsilon is null, with `epsilon_note` saying why.
 
 import json
 import math
+import os
 
 from absl import flags
 
 from tff_dpmed import cli
+from tff_dpmed import files
 from tff_dpmed.errors import UsageError
 from tff_dpmed.privacy import accounting
+from tff_dpmed.privacy import budget
 from tff_dpmed.privacy import calibration
 from tff_dpmed.privacy import mechanisms
 from tff_dpmed.privacy.spec import Accountant, ClipMode, DPMode, DPSpec, Sampling, choices
@@ -57,6 +60,30 @@ _CLIPPED_COUNT_STDDEV = flags.DEFINE_float(
     "max(0.05 * clients_per_round, noise_multiplier), as the trainer.")
 
 
+_BUDGET_LEDGER = flags.DEFINE_string(
+    "budget_ledger", None,
+    "Print the total epsilon of every run recorded in this budget ledger (written by "
+    "`tff_dpmed.train --budget_ledger=PATH`) instead of planning a run.")
+
+
+def _print_budget(path: str) -> None:
+  ledger = budget.BudgetLedger(path)
+  if not os.path.exists(path):
+    raise UsageError(f"--budget_ledger={path} does not exist: pass the file that "
+                     "`tff_dpmed.train --budget_ledger` wrote")
+  entries = ledger.entries()
+  for entry_id, entry in sorted(entries.items()):
+    spec = entry["spec"]
+    print(f"{entry['run_dir']}: {spec['dp_mode']} DP, z={spec['noise_multiplier']}, "
+          f"{entry['compositions']} accounting steps, delta={spec['delta']:g}")
+  total = ledger.total(_DELTA.value)
+  print(f"total: epsilon {total.epsilon:.6g} at delta={total.delta:g} over {total.entries} "
+        f"run(s), {total.method}; privacy unit: one client")
+  print(files.dumps({"epsilon": total.epsilon, "delta": total.delta, "runs": total.entries,
+                     "accounting_steps": total.compositions, "method": total.method,
+                     "privacy_unit": "client"}))
+
+
 def _required(flag, example: str):
   if flag.value is None:
     raise UsageError(f"--{flag.name} is required: pass e.g. --{flag.name}={example}")
@@ -66,6 +93,9 @@ def _required(flag, example: str):
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise UsageError(f"unexpected arguments {argv[1:]}: pass everything as --flags")
+  if _BUDGET_LEDGER.value is not None:
+    _print_budget(_BUDGET_LEDGER.value)
+    return
   num_clients = _required(_NUM_CLIENTS, "3383")
   rounds = accounting.check_rounds(_required(_ROUNDS, "100"))
   z, target = _NOISE_MULTIPLIER.value, _TARGET_EPSILON.value
