@@ -113,6 +113,11 @@ class StudySettings:
   def runs_dir(self) -> str:
     return os.path.join(self.output_dir, "runs")
 
+  @property
+  def budget_ledger(self) -> str:
+    """Composes every DP run of the study: its whole privacy cost, tuning included."""
+    return os.path.join(self.output_dir, "budget_ledger.json")
+
   def run_dir(self, point: GridPoint) -> str:
     return os.path.join(self.runs_dir, point.name)
 
@@ -123,7 +128,9 @@ def run_config(point: GridPoint, settings: StudySettings) -> RunConfig:
   flat.update(dp_mode=point.mode, seed=point.seed if settings.seeded else None,
               output_dir=settings.runs_dir, experiment_name=point.name,
               noise_multiplier=point.noise_multiplier, target_epsilon=point.target_epsilon,
-              restart=False, audit=False, reproducible_sampling=False)
+              restart=False, audit=False, reproducible_sampling=False,
+              # The non-private baseline is a reference, not a release of the study.
+              budget_ledger=None if point.mode == "none" else settings.budget_ledger)
   if point.mode == "local":
     flat.update(clip_mode="fixed", clip=settings.clip)
   elif point.mode == "central":

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from tff_dpmed.files import write_atomic
+from tff_dpmed.privacy.budget import BudgetLedger
 from tff_dpmed.program import audit
 from experiments import plots
 from experiments.grid import MODES, GridPoint, StudySettings
@@ -124,7 +125,8 @@ def _mean_pm_std(g: dict, metric: str, spec: str = ".3f") -> str:
 
 
 def results_markdown(rows: Sequence[dict], command: str, commit: str,
-                     setting: str = "", failed: Optional[dict] = None) -> str:
+                     setting: str = "", failed: Optional[dict] = None,
+                     budget_line: str = "") -> str:
   """The results.md text: command and commit on top, then mean ± std per (mode, z)."""
   groups = aggregate(rows)
   by_target = any(r.get("target_epsilon") is not None for r in rows)
@@ -163,6 +165,8 @@ def results_markdown(rows: Sequence[dict], command: str, commit: str,
       cells.append(_mean_pm_std(g, metric, "eps" if metric == "epsilon" else
                                 ".0f" if metric == "wall_seconds" else ".3f"))
     lines.append("| " + " | ".join(cells) + " |")
+  if budget_line:
+    lines += ["", budget_line]
   if failed:
     lines += ["", "Failed runs (not in the table):", ""]
     lines += [f"- `{name}`: {status}" for name, status in sorted(failed.items())]
@@ -207,6 +211,17 @@ def git_commit(repo_dir: str) -> str:
   return head + (" (with uncommitted changes)" if dirty else "")
 
 
+def study_budget_line(settings) -> str:
+  """The privacy spent by all the study's DP runs together, from its budget ledger."""
+  if not os.path.exists(settings.budget_ledger):
+    return ""
+  total = BudgetLedger(settings.budget_ledger).total()
+  return (f"Privacy spent by the whole study on these clients: every DP run composed "
+          f"({total.entries} runs, {total.compositions} accounting steps, {total.method}) "
+          f"gives client-level ε = {total.epsilon:.4g} at δ = {total.delta:g}. Each row's ε "
+          "is what one run alone would cost; the non-private baseline is not covered.")
+
+
 def write_outputs(points: Sequence[GridPoint], settings: StudySettings, command: str,
                   commit: str, curve_level: Optional[float], setting: str = "",
                   failed: Optional[dict] = None) -> list:
@@ -216,7 +231,8 @@ def write_outputs(points: Sequence[GridPoint], settings: StudySettings, command:
   out = settings.output_dir
   write_csv(rows, os.path.join(out, RESULTS_CSV))
   write_atomic(os.path.join(out, RESULTS_MD),
-               results_markdown(rows, command, commit, setting, failed).encode())
+               results_markdown(rows, command, commit, setting, failed,
+                                study_budget_line(settings)).encode())
   title = setting.split(". ")[0] if setting else ""
   plots.plot_privacy_utility(aggregate(rows), os.path.join(out, PRIVACY_UTILITY_PNG),
                              title=title)

@@ -141,6 +141,22 @@ def test_run_configs_clip_the_way_each_mode_needs(tmp_path):
   assert by_eps.target_epsilon == 4.0 and by_eps.dp.noise_multiplier is None
 
 
+def test_the_study_composes_its_dp_runs_in_one_budget_ledger(tmp_path):
+  settings = _settings(tmp_path)
+  central = grid.run_config(grid.GridPoint("central", 0, noise_multiplier=1.0), settings)
+  local = grid.run_config(grid.GridPoint("local", 1, noise_multiplier=2.0), settings)
+  none = grid.run_config(grid.GridPoint("none", 0), settings)
+  assert central.budget_ledger == local.budget_ledger == settings.budget_ledger
+  assert none.budget_ledger is None
+  assert report.study_budget_line(settings) == ""  # Nothing recorded yet.
+  from tff_dpmed.privacy.budget import BudgetLedger  # pylint: disable=g-import-not-at-top
+  BudgetLedger(settings.budget_ledger).record("a", central.dp, 4, central.run_dir)
+  BudgetLedger(settings.budget_ledger).record("b", central.dp, 4, "other")
+  line = report.study_budget_line(settings)
+  total = BudgetLedger(settings.budget_ledger).total()
+  assert f"ε = {total.epsilon:.4g}" in line and "2 runs" in line
+
+
 def test_results_table_has_mean_and_std_per_mode_and_z(tmp_path):
   points, settings = _fake_study(tmp_path)
   rows = report.write_outputs(points, settings, "python -m experiments.privacy_utility --x=1",
