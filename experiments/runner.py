@@ -136,6 +136,8 @@ def run_grid(points: Sequence[GridPoint], settings: StudySettings, parallel: int
       statuses[p.name] = "skipped"
     else:
       todo.append(p)
+  if todo:
+    os.makedirs(settings.output_dir, exist_ok=True)  # Holds the study's budget ledger.
   bar = tqdm.tqdm(total=len(points), initial=len(points) - len(todo), desc="study",
                   unit="run", disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
 

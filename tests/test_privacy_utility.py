@@ -149,6 +149,7 @@ def test_the_study_composes_its_dp_runs_in_one_budget_ledger(tmp_path):
   assert central.budget_ledger == local.budget_ledger == settings.budget_ledger
   assert none.budget_ledger is None
   assert report.study_budget_line(settings) == ""  # Nothing recorded yet.
+  os.makedirs(settings.output_dir)  # As run_grid does before the first run.
   from tff_dpmed.privacy.budget import BudgetLedger  # pylint: disable=g-import-not-at-top
   BudgetLedger(settings.budget_ledger).record("a", central.dp, 4, central.run_dir)
   BudgetLedger(settings.budget_ledger).record("b", central.dp, 4, "other")
