@@ -130,6 +130,7 @@ def main(argv: list[str]) -> None:
   z = spec.noise_multiplier
   mechanism = mechanisms.for_spec(spec)
   epsilon = accounting.epsilon_for_rounds(spec, rounds)
+  private = mechanism.states_guarantee
   delta = spec.delta
 
   for line in accounting.explain(spec):
@@ -142,7 +143,7 @@ def main(argv: list[str]) -> None:
   if delta >= 1 / num_clients:
     print(f"note: delta={delta:g} >= 1/num_clients = {1 / num_clients:.3g}: such a delta "
           "allows publishing a whole client's data; use a smaller --delta")
-  if not cohort_used and _CLIENTS_PER_ROUND.value is not None and mode is not DPMode.NONE:
+  if not cohort_used and _CLIENTS_PER_ROUND.value is not None and private:
     print("note: --clients_per_round does not change epsilon here "
           f"({'local DP' if not mechanism.amplified_by_sampling else 'sampling=all'})")
   if mechanism.tracks_participation():
@@ -154,7 +155,6 @@ def main(argv: list[str]) -> None:
   print(f"epsilon: {epsilon:.6g} at delta={delta:g} after {rounds} rounds"
         + (", i.e. no privacy" if math.isinf(epsilon) else ""))
 
-  private = mode is not DPMode.NONE
   result = {
       # Strict JSON: no Infinity; an unbounded epsilon is null with the reason.
       "epsilon": epsilon if math.isfinite(epsilon) else None,

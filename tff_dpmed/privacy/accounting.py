@@ -205,7 +205,7 @@ def explain(spec: DPSpec) -> list[str]:
   """Human-readable lines: what is accounted for, how, and why."""
   mechanism = mechanisms.for_spec(mechanisms.require_calibrated(spec))
   lines = [f"privacy unit: one {mechanism.privacy_unit} (all of one hospital's data)"]
-  if spec.mode is DPMode.NONE:
+  if not mechanism.states_guarantee:
     return lines + mechanism.describe()
   kind = resolve_accountant(spec)
   why = (" (requested)" if spec.accountant is not Accountant.AUTO else

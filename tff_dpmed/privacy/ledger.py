@@ -81,7 +81,7 @@ class PrivacyLedger:
 
   def epsilon(self) -> float:
     """Epsilon so far, at `spec.delta`."""
-    if self.spec.mode is DPMode.NONE:
+    if not self._mechanism.states_guarantee:
       eps = math.inf if self._rounds else 0.0
     else:
       eps = accounting.epsilon_after(
