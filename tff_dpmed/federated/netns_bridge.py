@@ -133,14 +133,15 @@ async def _serve(args) -> int:
     loop.add_signal_handler(signum, stop.set)
   binary = await asyncio.create_subprocess_exec(
       *args.command, f"--port={args.port}", stdin=asyncio.subprocess.DEVNULL,
+      # Our stdout is the owner's ready pipe; the binary writes to the log only.
+      stdout=sys.stderr,
       preexec_fn=_kill_binary_with_us, close_fds=True)
   server = None
   try:
     if not await _wait_listening(args.port, binary, args.ready_timeout_s, stop):
       if stop.is_set():
         return 0
-      await _stop_binary(binary)
-      _log(f"the worker binary did not serve (exit code {binary.returncode})")
+      await _stop_binary(binary)  # The owner reports its exit code; its log says why.
       return binary.returncode or 1
     server = await asyncio.start_unix_server(
         lambda r, w: _forward(args.port, r, w), path=args.socket)

@@ -163,9 +163,9 @@ class WorkerProcess:
         code = self.process.wait(timeout=_STOP_TIMEOUT_S if ready else 0)
       except subprocess.TimeoutExpired:
         code = None
-      what = f"exited with code {code}" if code is not None else "did not answer"
-      raise WorkerError(f"the isolated TFF worker ({self.binary}) {what} within "
-                        f"{timeout_s:.0f}s of its start")
+      what = (f"exited with code {code} before serving" if code is not None
+              else f"did not serve within {timeout_s:.0f}s")
+      raise WorkerError(f"the isolated TFF worker ({self.binary}) {what}")
     return int(line[len(netns_bridge.READY_PREFIX):])
 
   def alive(self) -> bool:
@@ -238,6 +238,9 @@ def check_isolation() -> None:
         "kernel.apparmor_restrict_unprivileged_userns=0)")
 
 
+_BINARY_FIX = "pass a TFF worker_binary build with --worker_binary (see BUILD_NOTES.md)"
+
+
 @functools.lru_cache(maxsize=None)
 def _worker_binary_problem(binary: str, mtime: float) -> Optional[str]:
   del mtime  # Part of the cache key only: a rebuilt binary is probed again.
@@ -245,10 +248,10 @@ def _worker_binary_problem(binary: str, mtime: float) -> Optional[str]:
     probe = subprocess.run([binary, f"--help={_WORKER_FLAG}"], stdin=subprocess.DEVNULL,
                            capture_output=True, timeout=60, check=False)
   except (OSError, subprocess.TimeoutExpired) as e:
-    return f"TFF worker binary {binary} does not run: {e}"
+    return f"TFF worker binary {binary} does not run ({e}): {_BINARY_FIX}"
   if f"--{_WORKER_FLAG}".encode() not in probe.stdout + probe.stderr:
     return (f"{binary} is not a TFF worker_binary (its --help={_WORKER_FLAG} does not list "
-            "that flag)")
+            f"that flag): {_BINARY_FIX}")
   return None
 
 
@@ -260,9 +263,10 @@ def check_worker_binary(binary: str) -> None:
   never serves, after the run folder was made.
   """
   if not os.path.isfile(binary):
-    raise WorkerError(f"TFF worker binary not found at {binary}")
+    raise WorkerError(f"TFF worker binary not found at {binary}: {_BINARY_FIX}")
   if not os.access(binary, os.X_OK):
-    raise WorkerError(f"TFF worker binary {binary} is not executable (chmod +x it)")
+    raise WorkerError(f"TFF worker binary {binary} is not executable: chmod +x it or "
+                      f"{_BINARY_FIX}")
   problem = _worker_binary_problem(os.path.abspath(binary), os.path.getmtime(binary))
   if problem is not None:
     raise WorkerError(problem)
