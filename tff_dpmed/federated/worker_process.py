@@ -15,7 +15,9 @@ the port runs arbitrary TensorFlow computations as our user. So by default
 (`isolated=True`) it runs in a network namespace of its own (`unshare --user
 --map-root-user --net`, which needs no root where unprivileged user
 namespaces are allowed) and is reached through a Unix socket in a private
-0700 folder, bridged into the namespace by `netns_bridge`. Only an explicit
+0700 folder, bridged into the namespace by `netns_bridge`; the process we
+start still ends up as the binary itself (the bridge execs it), so its pid,
+lifetime and exit code are handled the same either way. Only an explicit
 `isolated=False` runs it on the host's network, as TFF does.
 
 This module imports neither TensorFlow nor TFF, so `python -m tff_dpmed.worker`
@@ -26,8 +28,8 @@ import atexit
 import ctypes
 import functools
 import importlib.util
+import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -58,8 +60,6 @@ _PR_SET_PDEATHSIG = 1
 _NAMESPACE_PORT = 10000
 # util-linux's unshare: a user namespace (so no root is needed) owning a new network namespace.
 UNSHARE_ARGS = ["--user", "--map-root-user", "--net"]
-# How long a bridge gives its binary to stop on SIGINT before SIGKILL.
-_STOP_TIMEOUT_S = netns_bridge.STOP_TIMEOUT_S
 # Every worker_binary defines this flag (worker_main.cc); other programs do not.
 _WORKER_FLAG = "max_concurrent_computation_calls"
 class WorkerError(RuntimeError):
@@ -70,9 +70,9 @@ class IsolationError(WorkerError):
   """This machine cannot run the worker in a private network namespace."""
 
 
-def _die_with_parent(signum: int) -> None:  # Runs in the child between fork and exec.
+def _die_with_parent() -> None:  # Runs in the child between fork and exec.
   libc = ctypes.CDLL("libc.so.6", use_errno=True)
-  libc.prctl(_PR_SET_PDEATHSIG, signum)
+  libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
   # Our terminal's Ctrl-C must reach the owner first (the trainer, to checkpoint).
   os.setpgrp()
 
@@ -80,9 +80,9 @@ def _die_with_parent(signum: int) -> None:  # Runs in the child between fork and
 class WorkerProcess:
   """One `worker_binary` process serving TFF's executor protocol.
 
-  Isolated (the default): in its own network namespace, at `unix:<socket>`;
-  `process` is the bridge that owns it there. Otherwise: on all interfaces
-  of this host at `port`, and `process` is the binary itself.
+  Isolated (the default): in its own network namespace, at `unix:<socket>`.
+  Otherwise: on all interfaces of this host at `port`. Either way `process`
+  is the binary itself.
   """
 
   def __init__(self, *, port: Optional[int] = None, binary: str = WORKER_BINARY,
@@ -100,8 +100,11 @@ class WorkerProcess:
     self.log_path = log_path or os.path.join(
         tempfile.gettempdir(), f"tff_dpmed_worker_{os.getpid()}_{id(self):x}.log")
     self.process: Optional[subprocess.Popen] = None
-    self.binary_pid: Optional[int] = None
     self.socket_dir: Optional[str] = None
+
+  @property
+  def binary_pid(self) -> Optional[int]:
+    return self.process.pid if self.process is not None else None
 
   @property
   def socket_path(self) -> Optional[str]:
@@ -117,6 +120,7 @@ class WorkerProcess:
   def start(self, timeout_s: float = 60.0) -> "WorkerProcess":
     worker_args = [self.binary,
                    f"--max_concurrent_computation_calls={self.max_concurrent_computation_calls}"]
+    env = None
     if self.isolated:
       # Unix socket paths are limited to 107 bytes; a long $TMPDIR would not fit.
       parent = tempfile.gettempdir() if len(tempfile.gettempdir()) < 60 else "/tmp"
@@ -124,26 +128,18 @@ class WorkerProcess:
       args = [shutil.which("unshare"), *UNSHARE_ARGS, "--",
               sys.executable, "-I", os.path.abspath(netns_bridge.__file__),
               f"--socket={self.socket_path}", f"--port={self.port}",
-              f"--parent_pid={os.getpid()}", f"--ready_timeout_s={timeout_s}", "--",
-              *worker_args]
-      # SIGTERM, not SIGKILL: the bridge then removes its socket folder and stops the binary.
-      death_signal, stdout = signal.SIGTERM, subprocess.PIPE
+              f"--parent_pid={os.getpid()}", f"--ready_timeout_s={timeout_s}"]
+      env = dict(os.environ, **{netns_bridge.ARGV_ENV: json.dumps(worker_args)})
     else:
       args = [*worker_args, f"--port={self.port}"]
-      death_signal, stdout = signal.SIGKILL, None
     with open(self.log_path, "ab") as log:
+      # The die-with-parent signal survives unshare's and the bridge's exec into the binary.
       self.process = subprocess.Popen(
-          args, stdin=subprocess.DEVNULL, stdout=stdout or log, stderr=log,
-          preexec_fn=functools.partial(_die_with_parent, death_signal), close_fds=True)
+          args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+          preexec_fn=_die_with_parent, close_fds=True)
     _register(self)
     try:
-      deadline = time.monotonic() + timeout_s
-      if self.isolated:
-        self.binary_pid = self._wait_for_bridge(timeout_s)
-      else:
-        self.binary_pid = self.process.pid
-      wait_until_ready(self.address, max(1.0, deadline - time.monotonic()),
-                       process=self.process)
+      wait_until_ready(self.address, timeout_s, process=self.process)
     except WorkerError as e:
       self.stop()
       raise WorkerError(f"{e}{_last_line(self.log_path)}") from None
@@ -151,52 +147,34 @@ class WorkerProcess:
       self.stop()
       raise
     logging.info("TFF worker pid %d serving on %s (log %s)",
-                 self.binary_pid, self.address, self.log_path)
+                 self.process.pid, self.address, self.log_path)
     return self
-
-  def _wait_for_bridge(self, timeout_s: float) -> int:
-    """The binary's pid, once the bridge says its socket accepts connections."""
-    ready, _, _ = select.select([self.process.stdout], [], [], timeout_s)
-    line = self.process.stdout.readline().decode() if ready else ""
-    if not line.startswith(netns_bridge.READY_PREFIX):
-      try:
-        code = self.process.wait(timeout=_STOP_TIMEOUT_S if ready else 0)
-      except subprocess.TimeoutExpired:
-        code = None
-      what = (f"exited with code {code} before serving" if code is not None
-              else f"did not serve within {timeout_s:.0f}s")
-      raise WorkerError(f"the isolated TFF worker ({self.binary}) {what}")
-    return int(line[len(netns_bridge.READY_PREFIX):])
 
   def alive(self) -> bool:
     return self.process is not None and self.process.poll() is None
 
   def stop(self, timeout_s: float = 10.0) -> None:
-    """Stops the worker: asks it to stop, then SIGKILL if it does not exit in time.
+    """Stops the worker: SIGINT, then SIGKILL if it does not exit in time.
 
-    Isolated, the bridge gets SIGTERM and stops the binary itself; its SIGKILL
-    kills the binary too (die-with-parent), so neither outlives this call.
+    Isolated, the bridge's forwarder gets SIGTERM from the kernel when the
+    binary exits and removes the socket folder; it is removed here as well.
     """
     process, self.process = self.process, None
     _unregister(self)
     try:
       if process is not None and process.poll() is None:
         try:
-          process.send_signal(signal.SIGTERM if self.isolated else signal.SIGINT)
-          # The bridge gives its binary this long before killing it.
-          process.wait(timeout=timeout_s + (_STOP_TIMEOUT_S if self.isolated else 0))
+          process.send_signal(signal.SIGINT)
+          process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
           process.kill()
           process.wait()
         except ProcessLookupError:
           pass
     finally:
-      if process is not None and process.stdout is not None:
-        process.stdout.close()
       if self.socket_dir is not None:
         shutil.rmtree(self.socket_dir, ignore_errors=True)
         self.socket_dir = None
-
 
 
 def _last_line(log_path: str) -> str:
