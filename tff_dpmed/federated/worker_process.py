@@ -62,6 +62,8 @@ _NAMESPACE_PORT = 10000
 UNSHARE_ARGS = ["--user", "--map-root-user", "--net"]
 # Every worker_binary defines this flag (worker_main.cc); other programs do not.
 _WORKER_FLAG = "max_concurrent_computation_calls"
+
+
 class WorkerError(RuntimeError):
   """A TFF worker could not be started or reached."""
 
@@ -178,7 +180,7 @@ class WorkerProcess:
 
 
 def _last_line(log_path: str) -> str:
-  """`: <the log's last line>`, which usually says why a worker died at start."""
+  """` (<the log's last line>)`, which usually says why a worker died at start."""
   try:
     with open(log_path, "rb") as f:
       f.seek(max(0, os.path.getsize(log_path) - 2000))
