@@ -125,7 +125,8 @@ def _check_output_dir_writable(output_dir: str) -> None:
 
 
 def _check_runtime(cfg: RunConfig) -> None:
-  """The worker binary exists, or every remote worker answers; before anything is written."""
+  """Before anything is written: every remote worker answers (over TLS if asked), or the
+  local worker binary is a TFF worker and can be isolated (unless insecure)."""
   try:
     # Worker network security (issue 17): TLS to remote workers; the local one isolated.
     if cfg.executor == "remote":
