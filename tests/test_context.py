@@ -15,6 +15,7 @@ from tff_dpmed.federated import context
 _SCRIPT = r"""
 import os, sys, time
 import numpy as np
+import psutil
 import tensorflow_federated as tff
 from tff_dpmed.federated import context
 mode = sys.argv[1]
@@ -23,7 +24,8 @@ with context.local_runtime() as worker:
   def add_one(x):
     return x + 1
   assert add_one(np.float32(1)) == 2
-  print(f"worker {worker.process.pid}", flush=True)
+  forwarder, = psutil.Process(worker.binary_pid).children()  # The Unix-socket bridge.
+  print(f"worker {worker.binary_pid} {forwarder.pid} {worker.socket_dir}", flush=True)
   if mode == "raise":
     raise RuntimeError("boom")
   if mode == "wait":
@@ -40,10 +42,12 @@ def _start(mode):
                           stderr=subprocess.DEVNULL, text=True)
 
 
-def _worker_pid(proc) -> int:
+def _worker_pid(proc) -> tuple[int, int, str]:
+  """The worker_binary's pid, its Unix-socket forwarder's pid, and the socket's folder."""
   for line in proc.stdout:
     if line.startswith("worker "):
-      return int(line.split()[1])
+      binary, bridge, socket_dir = line.split()[1:]
+      return int(binary), int(bridge), socket_dir
   raise AssertionError("the script never reported its worker")
 
 
@@ -59,20 +63,33 @@ def _gone(pid: int, timeout_s: float = 15.0) -> bool:
 @pytest.mark.parametrize("mode", ["normal", "raise", "leak"])
 def test_worker_stopped_at_exit(mode):
   proc = _start(mode)
-  pid = _worker_pid(proc)
+  pid, bridge, socket_dir = _worker_pid(proc)
   proc.wait(timeout=120)
   assert proc.returncode == (1 if mode == "raise" else 0)
   assert _gone(pid), f"worker {pid} outlived its owner ({mode})"
+  assert _gone(bridge), f"the worker's bridge {bridge} outlived its owner ({mode})"
+  assert not os.path.exists(socket_dir)
+
+
+def _wait_gone(path: str, timeout_s: float = 15.0) -> bool:
+  deadline = time.monotonic() + timeout_s
+  while os.path.exists(path) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  return not os.path.exists(path)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_worker_stopped_when_owner_is_signalled(signum):
   proc = _start("wait")
-  pid = _worker_pid(proc)
-  assert psutil.pid_exists(pid)
+  pid, bridge, socket_dir = _worker_pid(proc)
+  assert psutil.pid_exists(pid) and os.path.exists(socket_dir)
   os.kill(proc.pid, signum)
   proc.wait(timeout=60)
-  assert _gone(pid), f"worker {pid} outlived an owner killed by {signal.Signals(signum).name}"
+  name = signal.Signals(signum).name
+  assert _gone(pid), f"worker {pid} outlived an owner killed by {name}"
+  assert _gone(bridge), f"the worker's bridge {bridge} outlived an owner killed by {name}"
+  # Even SIGKILL: the forwarder's die-with-parent signal is SIGTERM, and it cleans up.
+  assert _wait_gone(socket_dir), f"{socket_dir} outlived an owner killed by {name}"
 
 
 def test_worker_output_goes_to_its_log_not_our_stdout(tmp_path):
@@ -90,6 +107,8 @@ def test_missing_or_non_executable_worker_binary_is_a_worker_error(tmp_path):
   plain.write_text("")
   with pytest.raises(context.WorkerError, match="not executable"):
     context.WorkerProcess(binary=str(plain))
+  with pytest.raises(context.WorkerError, match="not a TFF worker_binary"):
+    context.WorkerProcess(binary="/bin/true")
 
 
 def test_unreachable_worker_is_named(tmp_path):

@@ -69,7 +69,8 @@ class Worker:
     self.starts += 1
     stderr = open(os.path.join(self.log_dir, f"{self.name}-{self.starts}.stderr"), "w")
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "tff_dpmed.worker", f"--port={self.port}",
+        # Plaintext on loopback; mutual TLS has its own tests (test_worker_tls.py).
+        [sys.executable, "-m", "tff_dpmed.worker", f"--port={self.port}", "--insecure",
          f"--log_file={os.path.join(self.log_dir, f'{self.name}-{self.starts}.log')}"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
     stderr.close()
@@ -329,8 +330,8 @@ def test_clients_are_spread_over_the_workers(cluster, monkeypatch):
   seen = []
   make_factory = context._executor_factory
 
-  def recording_factory(address, default_num_clients):
-    factory = make_factory(address, default_num_clients)
+  def recording_factory(address, default_num_clients, credentials=None):
+    factory = make_factory(address, default_num_clients, credentials)
     create = factory.create_executor
 
     def create_executor(cardinalities):
@@ -371,7 +372,8 @@ def test_worker_cli_bad_input_is_one_error_line(cluster, tmp_path):
                           f"--worker_binary={not_executable}"], ("not executable",)),
       "port out of range": (["--port=70000"], ("--port=70000",)),
   }
-  procs = {name: subprocess.Popen([sys.executable, "-m", "tff_dpmed.worker", *flags],
+  procs = {name: subprocess.Popen([sys.executable, "-m", "tff_dpmed.worker", "--insecure",
+                                   *flags],
                                   cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
            for name, (flags, _) in cases.items()}
@@ -408,8 +410,14 @@ def test_worker_cli_stops_its_binary_on_signal(signum, tmp_path):
     (dict(executor="remote", workers="h:1", max_concurrent_computation_calls=4),
      ("--max_concurrent_computation_calls",)),
     (dict(executor="gpu"), ("--executor=gpu",)),
+    (dict(executor="remote", workers="h:1", worker_tls_ca="ca.pem"),
+     ("--worker_tls_cert", "--worker_tls_key")),
+    (dict(worker_tls_ca="a", worker_tls_cert="b", worker_tls_key="c"), ("--executor=remote",)),
+    (dict(executor="remote", workers="h:1", insecure_local_executor=True),
+     ("--insecure_local_executor",)),
 ], ids=["remote-no-workers", "workers-without-remote", "no-port", "port-zero", "duplicate",
-        "binary-with-remote", "max-calls-with-remote", "unknown-executor"])
+        "binary-with-remote", "max-calls-with-remote", "unknown-executor", "partial-tls",
+        "tls-with-local", "insecure-local-with-remote"])
 def test_runtime_flags_are_validated(kwargs, words):
   cfg = RunConfig(dp_mode="none", **kwargs)
   with pytest.raises(UsageError) as e:
@@ -421,5 +429,7 @@ def test_runtime_flags_are_validated(kwargs, words):
 def test_runtime_flags_accepted():
   RunConfig(dp_mode="none", executor="remote", workers="a:1, [::1]:8000").validate()
   RunConfig(dp_mode="none", worker_binary="/some/cuda/worker_binary",
-            max_concurrent_computation_calls=2).validate()
+            max_concurrent_computation_calls=2, insecure_local_executor=True).validate()
+  RunConfig(dp_mode="none", executor="remote", workers="a:1", worker_tls_ca="ca.pem",
+            worker_tls_cert="c.pem", worker_tls_key="c.key").validate()
   assert RunConfig(workers="a:1, b:2").worker_addresses == ["a:1", "b:2"]

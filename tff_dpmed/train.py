@@ -107,6 +107,18 @@ flags.DEFINE_string("worker_binary", None, "With --executor=local: the TFF worke
 flags.DEFINE_integer("max_concurrent_computation_calls", -1,
                      "With --executor=local: bound on parallel client computations in the TFF "
                      "worker, which bounds its memory (-1 = no bound).")
+# Worker network security (issue 17): see README "Scale-out on TFF workers".
+flags.DEFINE_bool("insecure_local_executor", False, "With --executor=local: run the TFF worker "
+                  "on this host's network, where its unauthenticated executor port listens on "
+                  "ALL interfaces (the binary cannot bind loopback only) and anyone reaching it "
+                  "runs code as you. Only for machines that cannot make a private network "
+                  "namespace (unshare). Default: the worker is reached by a private Unix socket.")
+flags.DEFINE_string("worker_tls_ca", None, "With --executor=remote: CA certificate (PEM) that "
+                    "signed the workers' --tls_cert; with --worker_tls_cert/--worker_tls_key.")
+flags.DEFINE_string("worker_tls_cert", None, "With --executor=remote: our client certificate "
+                    "(PEM), signed by the workers' --tls_client_ca.")
+flags.DEFINE_string("worker_tls_key", None, "With --executor=remote: the private key (PEM) of "
+                    "--worker_tls_cert.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
@@ -118,8 +130,9 @@ def config_from_flags() -> RunConfig:
            "delta", "accountant", "clip_mode", "clip", "target_unclipped_quantile",
            "adaptive_clip_learning_rate", "clipped_count_stddev", "rounds_per_eval",
            "rounds_per_checkpoint", "output_dir", "experiment_name", "seed", "restart", "audit",
-           "debug_metrics", "budget_ledger", "max_concurrent_computation_calls", "executor", "workers",
-           "worker_binary")
+           "debug_metrics", "budget_ledger", "max_concurrent_computation_calls", "executor",
+           "workers", "worker_binary", "insecure_local_executor", "worker_tls_ca",
+           "worker_tls_cert", "worker_tls_key")
   flat = {name: FLAGS[name].value for name in names}
   flat.update(image_size=int(FLAGS.image_size),
               reproducible_sampling=FLAGS.insecure_reproducible_sampling)

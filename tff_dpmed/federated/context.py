@@ -1,9 +1,10 @@
 """Owns TFF's execution context: which `worker_binary` processes run computations.
 
 Two runtimes: `local_runtime` starts one worker of its own (see
-`worker_process` for how its lifetime is kept to ours); `remote_runtime`
-talks to workers someone else started (`python -m tff_dpmed.worker`), and
-with several of them spreads each round's clients over the workers.
+`worker_process` for how its lifetime is kept to ours, and how it is kept
+off the network); `remote_runtime` talks to workers someone else started
+(`python -m tff_dpmed.worker`), over mutual TLS given channel credentials,
+and with several of them spreads each round's clients over the workers.
 """
 
 import contextlib
@@ -28,7 +29,8 @@ from tensorflow_federated.python.core.impl.context_stack import runtime_error_co
 
 # Re-exported: callers of this module manage workers through it too.
 from tff_dpmed.federated.worker_process import (GRPC_OPTIONS, WORKER_BINARY, WorkerError,  # pylint: disable=unused-import
-                                                WorkerProcess, check_worker_binary,
+                                                IsolationError, WorkerProcess,
+                                                check_isolation, check_worker_binary,
                                                 stop_all_workers, wait_for_no_workers,
                                                 wait_until_ready, worker_pids)
 
@@ -36,9 +38,37 @@ from tff_dpmed.federated.worker_process import (GRPC_OPTIONS, WORKER_BINARY, Wor
 REACHABLE_TIMEOUT_S = 10.0
 
 
-def _executor_factory(address: str, default_num_clients: int):
+def _channel(address: str, credentials: Optional[grpc.ChannelCredentials]) -> grpc.Channel:
+  if credentials is None:
+    return grpc.insecure_channel(address, GRPC_OPTIONS)
+  return grpc.secure_channel(address, credentials, GRPC_OPTIONS)
+
+
+def tls_channel_credentials(ca_path: str, cert_path: Optional[str] = None,
+                            key_path: Optional[str] = None) -> grpc.ChannelCredentials:
+  """Credentials for workers serving TLS: trust `ca_path`, and show our cert and key.
+
+  The worker's certificate must name the host as given in --workers (a
+  subjectAltName DNS name or IP address); gRPC checks it.
+  """
+  def read(path):
+    if path is None:
+      return None
+    try:
+      with open(path, "rb") as f:
+        return f.read()
+    except OSError as e:
+      raise WorkerError(f"cannot read {path}: {e.strerror}") from None
+
+  return grpc.ssl_channel_credentials(root_certificates=read(ca_path),
+                                      private_key=read(key_path),
+                                      certificate_chain=read(cert_path))
+
+
+def _executor_factory(address: str, default_num_clients: int,
+                      credentials: Optional[grpc.ChannelCredentials] = None):
   """TFF's executor factory for one worker: a `RemoteExecutor` per cardinality."""
-  channel = grpc.insecure_channel(address, GRPC_OPTIONS)
+  channel = _channel(address, credentials)
   stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
 
   def stack_fn(cardinalities):
@@ -55,7 +85,8 @@ def _executor_factory(address: str, default_num_clients: int):
   return python_executor_stacks.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
 
 
-def _make_context(addresses: list[str], default_num_clients: int = 0):
+def _make_context(addresses: list[str], default_num_clients: int = 0,
+                  credentials: Optional[grpc.ChannelCredentials] = None):
   """A synchronous TFF context whose executors talk to the workers at `addresses`.
 
   One worker: TFF's plain context, as `create_sync_local_cpp_execution_context`
@@ -68,14 +99,14 @@ def _make_context(addresses: list[str], default_num_clients: int = 0):
     raise ValueError("no worker addresses")
   if len(addresses) == 1:
     return sync_execution_context.SyncExecutionContext(
-        executor_fn=_executor_factory(addresses[0], default_num_clients),
+        executor_fn=_executor_factory(addresses[0], default_num_clients, credentials),
         compiler_fn=compiler.desugar_and_transform_to_native,
         transform_args=tensorflow_computation.transform_args,
         transform_result=tensorflow_computation.transform_result,
     )
   per_worker = [
       async_execution_context.AsyncExecutionContext(
-          executor_fn=_executor_factory(address, default_num_clients),
+          executor_fn=_executor_factory(address, default_num_clients, credentials),
           compiler_fn=compiler.desugar_and_transform_to_native,
           transform_args=tensorflow_computation.transform_args,
           transform_result=tensorflow_computation.transform_result,
@@ -100,14 +131,42 @@ def _default_context(ctx) -> Iterator[None]:
     stack.set_default_context(previous)
 
 
+# Appended to IsolationError for the trainer, whose flag accepts the risk.
+_INSECURE_LOCAL_HINT = (", or accept the risk with --insecure_local_executor (the worker's "
+                        "unauthenticated executor port then listens on ALL interfaces: the "
+                        "binary cannot bind loopback only)")
+
+
+def check_local_runtime(binary: Optional[str] = None, insecure: bool = False) -> None:
+  """Raises WorkerError unless `local_runtime` can start: before a run writes anything."""
+  check_worker_binary(binary or WORKER_BINARY)
+  if not insecure:
+    try:
+      check_isolation()
+    except IsolationError as e:
+      raise IsolationError(f"{e}{_INSECURE_LOCAL_HINT}") from None
+
+
 @contextlib.contextmanager
 def local_runtime(*, max_concurrent_computation_calls: int = -1,
                   log_dir: Optional[str] = None,
-                  binary: Optional[str] = None) -> Iterator[WorkerProcess]:
-  """Starts a local worker, makes it TFF's default context, and always stops it."""
+                  binary: Optional[str] = None,
+                  insecure: bool = False) -> Iterator[WorkerProcess]:
+  """Starts a local worker, makes it TFF's default context, and always stops it.
+
+  The worker runs in a network namespace of its own, reached by a Unix
+  socket only; `insecure=True` runs it on this host's network instead, where
+  its unauthenticated port listens on all interfaces (the binary cannot bind
+  loopback only). Raises IsolationError if isolation is not possible here.
+  """
   log_path = os.path.join(log_dir, "tff_worker.log") if log_dir else None
-  worker = WorkerProcess(max_concurrent_computation_calls=max_concurrent_computation_calls,
-                         log_path=log_path, binary=binary or WORKER_BINARY).start()
+  try:
+    worker = WorkerProcess(max_concurrent_computation_calls=max_concurrent_computation_calls,
+                           log_path=log_path, binary=binary or WORKER_BINARY,
+                           isolated=not insecure)
+  except IsolationError as e:
+    raise IsolationError(f"{e}{_INSECURE_LOCAL_HINT}") from None
+  worker.start()
   try:
     with _default_context(_make_context([worker.address])):
       yield worker
@@ -115,35 +174,59 @@ def local_runtime(*, max_concurrent_computation_calls: int = -1,
     worker.stop()
 
 
-def check_reachable(addresses: list[str], timeout_s: float = REACHABLE_TIMEOUT_S) -> None:
+def _connection_problem(channel: grpc.Channel) -> str:
+  """Why `channel` does not connect, as gRPC says (e.g. a failed TLS handshake), or ''."""
+  probe = channel.unary_unary("/tff_dpmed.Probe/Unreachable")
+  try:
+    probe(b"", timeout=2.0)
+  except grpc.RpcError as e:
+    if e.code() == grpc.StatusCode.UNAVAILABLE:
+      return e.details() or ""
+  return ""
+
+
+def check_reachable(addresses: list[str], timeout_s: float = REACHABLE_TIMEOUT_S,
+                    credentials: Optional[grpc.ChannelCredentials] = None) -> None:
   """Raises WorkerError naming every worker that does not answer within `timeout_s`."""
-  pending = {a: grpc.insecure_channel(a, GRPC_OPTIONS) for a in addresses}
+  pending = {a: _channel(a, credentials) for a in addresses}
   futures = {a: grpc.channel_ready_future(c) for a, c in pending.items()}
   deadline = time.monotonic() + timeout_s
   unreachable = []
+  problems = []
   try:
     for address, future in futures.items():  # Waited on together: one timeout in all.
       try:
         future.result(timeout=max(0.0, deadline - time.monotonic()))
       except grpc.FutureTimeoutError:
         unreachable.append(address)
+        problems.append(_connection_problem(pending[address]).lower())
   finally:
     for channel in pending.values():
       channel.close()
   if unreachable:
+    if any("ssl" in p or "handshake" in p or "certificate" in p for p in problems):
+      hint = ("; the TLS handshake failed: check that --worker_tls_ca signed the worker's "
+              "certificate, which must name the host as in --workers, and that the worker's "
+              "--tls_client_ca signed --worker_tls_cert")
+    elif credentials is None:
+      hint = "; if the workers serve TLS, pass --worker_tls_ca, --worker_tls_cert, --worker_tls_key"
+    else:
+      hint = ""
     raise WorkerError(
-        f"no TFF worker answers at {', '.join(unreachable)} (waited {timeout_s:.0f}s): start "
-        "one there with `python -m tff_dpmed.worker --port=PORT`, or fix --workers")
+        f"no TFF worker answers at {', '.join(unreachable)} (waited {timeout_s:.0f}s{hint}): "
+        "start one there with `python -m tff_dpmed.worker --port=PORT ...`, or fix --workers")
 
 
 @contextlib.contextmanager
-def remote_runtime(addresses: list[str]) -> Iterator[None]:
+def remote_runtime(addresses: list[str],
+                   credentials: Optional[grpc.ChannelCredentials] = None) -> Iterator[None]:
   """Makes workers already running at `addresses` TFF's default context.
 
   Their lifetime is not ours: they are neither started nor stopped here.
+  `credentials` (see `tls_channel_credentials`) for workers serving TLS.
   """
-  check_reachable(addresses)
-  with _default_context(_make_context(list(addresses))):
+  check_reachable(addresses, credentials=credentials)
+  with _default_context(_make_context(list(addresses), credentials=credentials)):
     yield
 
 

@@ -9,16 +9,31 @@ the kernel to die with its parent (so even SIGKILL of its owner leaves no
 worker), and it is stopped explicitly on exit, on error and at interpreter
 exit.
 
+Isolation: the binary serves TFF's executor protocol without authentication
+on `[::]:PORT`, all interfaces, and cannot be told otherwise; anyone reaching
+the port runs arbitrary TensorFlow computations as our user. So by default
+(`isolated=True`) it runs in a network namespace of its own (`unshare --user
+--map-root-user --net`, which needs no root where unprivileged user
+namespaces are allowed) and is reached through a Unix socket in a private
+0700 folder, bridged into the namespace by `netns_bridge`; the process we
+start still ends up as the binary itself (the bridge execs it), so its pid,
+lifetime and exit code are handled the same either way. Only an explicit
+`isolated=False` runs it on the host's network, as TFF does.
+
 This module imports neither TensorFlow nor TFF, so `python -m tff_dpmed.worker`
 starts in a fraction of a second and stays small while its worker runs.
 """
 
 import atexit
 import ctypes
+import functools
 import importlib.util
+import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -27,6 +42,8 @@ from typing import Optional
 from absl import logging
 import grpc
 import portpicker
+
+from tff_dpmed.federated import netns_bridge
 
 # Found without importing TFF (which takes seconds and hundreds of MB).
 WORKER_BINARY = os.path.join(
@@ -39,10 +56,20 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", _GRPC_MAX_MESSAGE_BYTES),
 ]
 _PR_SET_PDEATHSIG = 1
+# A fresh network namespace has every port free, so a fixed one cannot clash.
+_NAMESPACE_PORT = 10000
+# util-linux's unshare: a user namespace (so no root is needed) owning a new network namespace.
+UNSHARE_ARGS = ["--user", "--map-root-user", "--net"]
+# Every worker_binary defines this flag (worker_main.cc); other programs do not.
+_WORKER_FLAG = "max_concurrent_computation_calls"
 
 
 class WorkerError(RuntimeError):
   """A TFF worker could not be started or reached."""
+
+
+class IsolationError(WorkerError):
+  """This machine cannot run the worker in a private network namespace."""
 
 
 def _die_with_parent() -> None:  # Runs in the child between fork and exec.
@@ -53,34 +80,71 @@ def _die_with_parent() -> None:  # Runs in the child between fork and exec.
 
 
 class WorkerProcess:
-  """One `worker_binary` process serving TFF's executor protocol on a port."""
+  """One `worker_binary` process serving TFF's executor protocol.
+
+  Isolated (the default): in its own network namespace, at `unix:<socket>`.
+  Otherwise: on all interfaces of this host at `port`. Either way `process`
+  is the binary itself.
+  """
 
   def __init__(self, *, port: Optional[int] = None, binary: str = WORKER_BINARY,
                max_concurrent_computation_calls: int = -1,
-               log_path: Optional[str] = None, host: str = "127.0.0.1"):
+               log_path: Optional[str] = None, host: str = "127.0.0.1",
+               isolated: bool = True):
     check_worker_binary(binary)
+    if isolated:
+      check_isolation()
     self.binary = binary
     self.host = host
-    self.port = port or portpicker.pick_unused_port()
+    self.isolated = isolated
+    self.port = _NAMESPACE_PORT if isolated else (port or portpicker.pick_unused_port())
     self.max_concurrent_computation_calls = max_concurrent_computation_calls
     self.log_path = log_path or os.path.join(
-        tempfile.gettempdir(), f"tff_dpmed_worker_{os.getpid()}_{self.port}.log")
+        tempfile.gettempdir(), f"tff_dpmed_worker_{os.getpid()}_{id(self):x}.log")
     self.process: Optional[subprocess.Popen] = None
+    self.socket_dir: Optional[str] = None
+
+  @property
+  def binary_pid(self) -> Optional[int]:
+    return self.process.pid if self.process is not None else None
+
+  @property
+  def socket_path(self) -> Optional[str]:
+    return os.path.join(self.socket_dir, "executor.sock") if self.socket_dir else None
 
   @property
   def address(self) -> str:
+    """The gRPC target: `unix:/path` when isolated, `host:port` otherwise."""
+    if self.isolated:
+      return f"unix:{self.socket_path}"
     return f"{self.host}:{self.port}"
 
   def start(self, timeout_s: float = 60.0) -> "WorkerProcess":
-    args = [self.binary, f"--port={self.port}",
-            f"--max_concurrent_computation_calls={self.max_concurrent_computation_calls}"]
+    worker_args = [self.binary,
+                   f"--max_concurrent_computation_calls={self.max_concurrent_computation_calls}"]
+    env = None
+    if self.isolated:
+      # Unix socket paths are limited to 107 bytes; a long $TMPDIR would not fit.
+      parent = tempfile.gettempdir() if len(tempfile.gettempdir()) < 60 else "/tmp"
+      self.socket_dir = tempfile.mkdtemp(prefix="tff_dpmed_worker_", dir=parent)  # Mode 0700.
+      args = [shutil.which("unshare"), *UNSHARE_ARGS, "--",
+              sys.executable, "-I", os.path.abspath(netns_bridge.__file__),
+              f"--socket={self.socket_path}", f"--port={self.port}",
+              f"--parent_pid={os.getpid()}", f"--ready_timeout_s={timeout_s}"]
+      env = dict(os.environ, **{netns_bridge.ARGV_ENV: json.dumps(worker_args)})
+    else:
+      args = [*worker_args, f"--port={self.port}"]
     with open(self.log_path, "ab") as log:
+      # The die-with-parent signal survives unshare's and the bridge's exec into the binary.
       self.process = subprocess.Popen(
-          args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+          args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
           preexec_fn=_die_with_parent, close_fds=True)
     _register(self)
     try:
       wait_until_ready(self.address, timeout_s, process=self.process)
+    except WorkerError as e:
+      self.stop()
+      raise WorkerError(f"{e}{_last_line(self.log_path)}") from None
     except BaseException:
       self.stop()
       raise
@@ -92,39 +156,123 @@ class WorkerProcess:
     return self.process is not None and self.process.poll() is None
 
   def stop(self, timeout_s: float = 10.0) -> None:
-    """Stops the worker: SIGINT, then SIGKILL if it does not exit in time."""
+    """Stops the worker: SIGINT, then SIGKILL if it does not exit in time.
+
+    Isolated, the bridge's forwarder gets SIGTERM from the kernel when the
+    binary exits and removes the socket folder; it is removed here as well.
+    """
     process, self.process = self.process, None
     _unregister(self)
-    if process is None or process.poll() is not None:
-      return
     try:
-      process.send_signal(signal.SIGINT)
-      process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-      process.kill()
-      process.wait()
-    except ProcessLookupError:
-      pass
+      if process is not None and process.poll() is None:
+        try:
+          process.send_signal(signal.SIGINT)
+          process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+          process.kill()
+          process.wait()
+        except ProcessLookupError:
+          pass
+    finally:
+      if self.socket_dir is not None:
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        self.socket_dir = None
+
+
+def _last_line(log_path: str) -> str:
+  """` (<the log's last line>)`, which usually says why a worker died at start."""
+  try:
+    with open(log_path, "rb") as f:
+      f.seek(max(0, os.path.getsize(log_path) - 2000))
+      lines = [l.strip() for l in f.read().decode(errors="replace").splitlines() if l.strip()]
+  except OSError:
+    return ""
+  return f" ({lines[-1]})" if lines else ""
+
+
+@functools.lru_cache(maxsize=None)
+def _isolation_problem() -> Optional[str]:
+  """Why a private network namespace cannot be made here, or None if it can."""
+  unshare = shutil.which("unshare")
+  if unshare is None:
+    return "`unshare` (util-linux) is not installed"
+  try:
+    probe = subprocess.run([unshare, *UNSHARE_ARGS, "--", sys.executable, "-I", "-c", ""],
+                           capture_output=True, text=True, timeout=30, check=False)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    return f"`unshare` failed: {e}"
+  if probe.returncode != 0:
+    lines = probe.stderr.strip().splitlines()
+    return lines[-1] if lines else f"`unshare` exited with code {probe.returncode}"
+  return None
+
+
+def check_isolation() -> None:
+  """Raises IsolationError unless the worker can run in a private network namespace."""
+  problem = _isolation_problem()
+  if problem is not None:
+    raise IsolationError(
+        f"cannot run the TFF worker in a private network namespace ({problem}); "
+        "allow user namespaces (sysctl user.max_user_namespaces>0, "
+        "kernel.unprivileged_userns_clone=1, or AppArmor's "
+        "kernel.apparmor_restrict_unprivileged_userns=0)")
+
+
+_BINARY_FIX = "pass a TFF worker_binary build with --worker_binary (see BUILD_NOTES.md)"
+
+
+@functools.lru_cache(maxsize=None)
+def _worker_binary_problem(binary: str, mtime: float) -> Optional[str]:
+  del mtime  # Part of the cache key only: a rebuilt binary is probed again.
+  try:
+    probe = subprocess.run([binary, f"--help={_WORKER_FLAG}"], stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=60, check=False)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    return f"TFF worker binary {binary} does not run ({e}): {_BINARY_FIX}"
+  if f"--{_WORKER_FLAG}".encode() not in probe.stdout + probe.stderr:
+    return (f"{binary} is not a TFF worker_binary (its --help={_WORKER_FLAG} does not list "
+            f"that flag): {_BINARY_FIX}")
+  return None
 
 
 def check_worker_binary(binary: str) -> None:
+  """Raises WorkerError unless `binary` exists, is executable and is a TFF worker_binary.
+
+  The last check runs it once with `--help=...` (~0.2 s): a program that is not
+  a worker, such as /bin/true, would otherwise only show as a worker that
+  never serves, after the run folder was made.
+  """
   if not os.path.isfile(binary):
-    raise WorkerError(f"TFF worker binary not found at {binary}")
+    raise WorkerError(f"TFF worker binary not found at {binary}: {_BINARY_FIX}")
   if not os.access(binary, os.X_OK):
-    raise WorkerError(f"TFF worker binary {binary} is not executable (chmod +x it)")
+    raise WorkerError(f"TFF worker binary {binary} is not executable: chmod +x it or "
+                      f"{_BINARY_FIX}")
+  problem = _worker_binary_problem(os.path.abspath(binary), os.path.getmtime(binary))
+  if problem is not None:
+    raise WorkerError(problem)
 
 
 def wait_until_ready(address: str, timeout_s: float,
-                     process: Optional[subprocess.Popen] = None) -> None:
-  """Blocks until a TFF executor service answers at `address`."""
-  channel = grpc.insecure_channel(address, GRPC_OPTIONS)
+                     process: Optional[subprocess.Popen] = None,
+                     credentials: Optional[grpc.ChannelCredentials] = None) -> None:
+  """Blocks until a TFF executor service answers at `address`, or `process` has exited."""
+  channel = (grpc.secure_channel(address, credentials, GRPC_OPTIONS) if credentials
+             else grpc.insecure_channel(address, GRPC_OPTIONS))
+  deadline = time.monotonic() + timeout_s
   try:
-    grpc.channel_ready_future(channel).result(timeout=timeout_s)
-  except grpc.FutureTimeoutError:
-    dead = process is not None and process.poll() is not None
-    raise WorkerError(
-        f"TFF worker at {address} {'exited' if dead else 'did not answer'} "
-        f"within {timeout_s:.0f}s") from None
+    ready = grpc.channel_ready_future(channel)
+    while True:
+      # Short waits, so a worker that exits at once fails at once, not after `timeout_s`.
+      try:
+        ready.result(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+        return
+      except grpc.FutureTimeoutError:
+        pass
+      if process is not None and process.poll() is not None:
+        raise WorkerError(f"TFF worker at {address} exited with code {process.returncode} "
+                          "before serving")
+      if time.monotonic() >= deadline:
+        raise WorkerError(f"TFF worker at {address} did not answer within {timeout_s:.0f}s")
   finally:
     channel.close()
 

@@ -22,11 +22,14 @@ def save_final_weights(run_dir: str, keras_model) -> None:
   os.replace(tmp, path)
 
 
+# Where the run executed and its local paths to keys and ledgers are not the model's business.
+_NOT_EXPORTED = ("worker_tls_ca", "worker_tls_cert", "worker_tls_key", "budget_ledger")
+
+
 def exported_config(config: dict) -> dict:
   """The training config as exported: a DP model's seed would reveal its cohorts and noise."""
-  if config.get("dp_mode", "none") == "none":
-    return dict(config)
-  return {k: v for k, v in config.items() if k != "seed"}
+  hidden = _NOT_EXPORTED + (() if config.get("dp_mode", "none") == "none" else ("seed",))
+  return {k: v for k, v in config.items() if k not in hidden}
 
 
 def load_final_weights(run_dir: str) -> list:

@@ -69,6 +69,11 @@ class RunConfig:
   executor: str = "local"
   workers: Optional[str] = None        # "host:port,host:port", as given to --workers
   worker_binary: Optional[str] = None  # local only; None = the one shipped with TFF
+  # Worker network security (issue 17): see README "Scale-out on TFF workers".
+  insecure_local_executor: bool = False  # local only: worker on the host's network, no netns
+  worker_tls_ca: Optional[str] = None    # remote only, all three or none: mutual TLS to the
+  worker_tls_cert: Optional[str] = None  # workers (CA of their certificates; our client
+  worker_tls_key: Optional[str] = None   # certificate and its key)
 
   def __post_init__(self):
     self._validate()
@@ -162,6 +167,18 @@ class RunConfig:
 
   def _validate_runtime(self) -> None:
     _one_of("executor", self.executor, EXECUTORS)
+    # Worker network security (issue 17).
+    tls = {"--worker_tls_ca": self.worker_tls_ca, "--worker_tls_cert": self.worker_tls_cert,
+           "--worker_tls_key": self.worker_tls_key}
+    if any(tls.values()) and self.executor != "remote":
+      raise UsageError("--worker_tls_* apply to --executor=remote only (the local worker is "
+                       "reached by a private Unix socket): drop them or add --executor=remote")
+    if any(tls.values()) and not all(tls.values()):
+      missing = ", ".join(name for name, value in tls.items() if not value)
+      raise UsageError(f"mutual TLS to the workers needs --worker_tls_ca, --worker_tls_cert "
+                       f"and --worker_tls_key together: add {missing}")
+    if self.insecure_local_executor and self.executor != "local":
+      raise UsageError("--insecure_local_executor applies to --executor=local only: drop it")
     if self.executor == "local":
       if self.workers is not None:
         raise UsageError("--workers needs --executor=remote (the local executor starts its own "

@@ -96,23 +96,34 @@ def prepare(cfg: RunConfig) -> PreparedRun:
 
 
 def _check_runtime(cfg: RunConfig) -> None:
-  """The worker binary exists, or every remote worker answers; before anything is written."""
+  """Before anything is written: every remote worker answers (over TLS if asked), or the
+  local worker binary is a TFF worker and can be isolated (unless insecure)."""
   try:
+    # Worker network security (issue 17): TLS to remote workers; the local one isolated.
     if cfg.executor == "remote":
-      context.check_reachable(cfg.worker_addresses)
-    elif cfg.worker_binary is not None:
-      context.check_worker_binary(cfg.worker_binary)
+      context.check_reachable(cfg.worker_addresses, credentials=_worker_credentials(cfg))
+    else:
+      context.check_local_runtime(cfg.worker_binary, insecure=cfg.insecure_local_executor)
   except context.WorkerError as e:
     raise UsageError(str(e)) from None
 
 
+def _worker_credentials(cfg: RunConfig):
+  """gRPC channel credentials for --worker_tls_*, or None (plaintext) without them."""
+  if cfg.worker_tls_ca is None:
+    return None
+  return context.tls_channel_credentials(cfg.worker_tls_ca, cfg.worker_tls_cert,
+                                         cfg.worker_tls_key)
+
+
 def _runtime(cfg: RunConfig):
   """The TFF runtime the run executes on, as a context manager."""
+  # Worker network security (issue 17): credentials and insecure_local_executor.
   if cfg.executor == "remote":
-    return context.remote_runtime(cfg.worker_addresses)
+    return context.remote_runtime(cfg.worker_addresses, credentials=_worker_credentials(cfg))
   return context.local_runtime(
       max_concurrent_computation_calls=cfg.max_concurrent_computation_calls,
-      log_dir=cfg.run_dir, binary=cfg.worker_binary)
+      log_dir=cfg.run_dir, binary=cfg.worker_binary, insecure=cfg.insecure_local_executor)
 
 
 def train(run: PreparedRun, show_progress: bool = True,
