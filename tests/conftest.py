@@ -1,5 +1,8 @@
 """Shared fixtures: the data directory and one TFF runtime for the whole session.
 
+tests/unit/ runs in-process in a couple of minutes (`make test-fast`);
+tests/e2e/ (marker `e2e`) runs the CLIs, servers and workers as a user does.
+
 One runtime (one worker_binary) for all tests keeps the suite fast, and the
 session-end check fails the run if any worker outlives it.
 """
@@ -57,6 +60,15 @@ def _leaked_workers(timeout_s: float = 10.0) -> list:
     if not leaked or time.monotonic() > deadline:
       return leaked
     time.sleep(0.1)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Everything under tests/e2e/ is `e2e` (subprocess trainers, servers, workers)."""
+  del config
+  e2e = pytest.mark.e2e
+  for item in items:
+    if "e2e" in pathlib.Path(str(item.fspath)).parts:
+      item.add_marker(e2e)
 
 
 def pytest_sessionfinish(session, exitstatus):

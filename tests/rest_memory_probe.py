@@ -31,7 +31,7 @@ import psutil
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from tests.test_export import sample_images, trained_model  # pylint: disable=wrong-import-position
+from tests.e2e.test_export import sample_images, trained_model  # pylint: disable=wrong-import-position
 from tff_dpmed.serving import export  # pylint: disable=wrong-import-position
 
 MODEL = "probe"

@@ -26,8 +26,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.run_outputs import read_rows
-from tests.test_executor_isolation import exposed_sockets, listening_sockets
-from tests.test_train_bad_inputs import _message_lines
+from tests.e2e.test_executor_isolation import exposed_sockets, listening_sockets
+from tests.e2e.test_train_bad_inputs import _message_lines
 from tff_dpmed.federated import context
 from tff_dpmed.federated import tls_proxy
 

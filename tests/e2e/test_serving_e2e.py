@@ -26,7 +26,7 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from tests.conftest import REPO_ROOT
-from tests.test_serving import Server
+from tests.e2e.test_serving import Server
 from tff_dpmed import models
 from tff_dpmed.data import medmnist
 from tff_dpmed.program import artifacts

@@ -34,7 +34,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 from tests.run_outputs import checkpoint_rounds as _checkpoint_rounds
 from tests.run_outputs import read_rows as _rows
-from tests.test_train_bad_inputs import _message_lines
+from tests.e2e.test_train_bad_inputs import _message_lines
 from tff_dpmed.errors import UsageError
 from tff_dpmed.program import artifacts
 from tff_dpmed.program.config import RunConfig

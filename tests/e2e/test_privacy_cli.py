@@ -12,7 +12,7 @@ from tff_dpmed.privacy import accounting
 from tff_dpmed.privacy.spec import DPSpec
 from tff_dpmed.privacy import calibration
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 PUBLISHED = ["--num_clients=3383", "--clients_per_round=120", "--rounds=100"]
 
 

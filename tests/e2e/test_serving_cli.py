@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.test_export import INFO, trained_model
+from tests.e2e.test_export import INFO, trained_model
 from tff_dpmed.serving import export
 from tff_dpmed.serving import export_metadata
 from tff_dpmed.serving import model_store
@@ -64,7 +64,7 @@ def test_exporting_and_loading_do_not_import_tff(tmp_path):
   code = f"""
 import sys
 sys.path.insert(0, {str(REPO_ROOT)!r})
-from tests.test_export import trained_model
+from tests.e2e.test_export import trained_model
 from tff_dpmed.serving import export, model_store
 model, info, metadata = trained_model()
 export.export_saved_model(model, info, {str(tmp_path)!r}, "m", metadata)

@@ -24,7 +24,7 @@ import pytest
 
 from tests import data_fixtures
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 # Two cores are shared with other work; two TensorFlow imports at a time is enough.
 MAX_PARALLEL = 2
 TIMEOUT_S = 300

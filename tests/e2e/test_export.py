@@ -231,7 +231,7 @@ def test_export_cli_explains_weights_that_no_longer_fit_the_model(tmp_path):
   np.savez(run_dir / "final_weights.npz", *build_model("cnn", INFO, seed=0).get_weights()[:-1])
   proc = subprocess.run(
       [sys.executable, "-m", "tff_dpmed.export", f"--run_dir={run_dir}"],
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "error: cannot load the final weights of" in proc.stderr

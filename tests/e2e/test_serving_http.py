@@ -17,8 +17,8 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.test_export import sample_images, trained_model
-from tests.test_serving import MODEL, Server
+from tests.e2e.test_export import sample_images, trained_model
+from tests.e2e.test_serving import MODEL, Server
 from tff_dpmed.serving import export
 from tff_dpmed.serving import numeric_arrays
 from tff_dpmed.serving import pooled_http

@@ -30,13 +30,13 @@ from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from tests.test_export import keras_probabilities, png, sample_images, trained_model
+from tests.e2e.test_export import keras_probabilities, png, sample_images, trained_model
 from tff_dpmed.serving import export
 
 MODEL = "cnn"
 MAX_BATCH = 16
 MAX_BYTES = 256 * 1024
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 READY_TIMEOUT_SECONDS = 120
 
 

@@ -8,7 +8,7 @@ not import each other, and that there is no import cycle.
 import ast
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tff_dpmed"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "tff_dpmed"
 _LAYERS = (  # (module prefix, layer); the longest matching prefix wins.
     ("tff_dpmed", 0), ("tff_dpmed.errors", 0), ("tff_dpmed.files", 0),
     ("tff_dpmed.data", 1), ("tff_dpmed.models", 2), ("tff_dpmed.privacy", 3),

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.test_train_bad_inputs import _message_lines
+from tests.e2e.test_train_bad_inputs import _message_lines
 from tff_dpmed.federated import context
 from tff_dpmed.federated import worker_process
 

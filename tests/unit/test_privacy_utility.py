@@ -20,7 +20,7 @@ from experiments import runner
 from tff_dpmed.errors import UsageError
 from tff_dpmed.program import run_dir as run_dir_lib
 from tff_dpmed.program.metrics_log import COLUMNS as METRICS_COLUMNS
-from tests import test_train_bad_inputs as bad_inputs
+from tests.e2e import test_train_bad_inputs as bad_inputs
 from tests.conftest import REPO_ROOT
 
 
