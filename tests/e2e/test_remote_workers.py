@@ -419,17 +419,17 @@ def test_worker_cli_stops_its_binary_on_signal(signum, tmp_path):
         "binary-with-remote", "max-calls-with-remote", "unknown-executor", "partial-tls",
         "tls-with-local", "insecure-local-with-remote"])
 def test_runtime_flags_are_validated(kwargs, words):
-  cfg = RunConfig(dp_mode="none", **kwargs)
-  with pytest.raises(UsageError) as e:
-    cfg.validate()
+  with pytest.raises(UsageError) as e:  # A RunConfig is validated when it is made.
+    RunConfig.from_json(dict(dp_mode="none", **kwargs))
   for word in words:
     assert word in str(e.value)
 
 
 def test_runtime_flags_accepted():
-  RunConfig(dp_mode="none", executor="remote", workers="a:1, [::1]:8000").validate()
-  RunConfig(dp_mode="none", worker_binary="/some/cuda/worker_binary",
-            max_concurrent_computation_calls=2, insecure_local_executor=True).validate()
-  RunConfig(dp_mode="none", executor="remote", workers="a:1", worker_tls_ca="ca.pem",
-            worker_tls_cert="c.pem", worker_tls_key="c.key").validate()
-  assert RunConfig(workers="a:1, b:2").worker_addresses == ["a:1", "b:2"]
+  make = lambda **kw: RunConfig.from_json(dict(dp_mode="none", **kw))
+  make(executor="remote", workers="a:1, [::1]:8000")
+  make(worker_binary="/some/cuda/worker_binary", max_concurrent_computation_calls=2,
+       insecure_local_executor=True)
+  make(executor="remote", workers="a:1", worker_tls_ca="ca.pem", worker_tls_cert="c.pem",
+       worker_tls_key="c.key")
+  assert make(executor="remote", workers="a:1, b:2").worker_addresses == ["a:1", "b:2"]

@@ -134,7 +134,9 @@ def test_export_cli_adds_version_2_with_the_runs_privacy(run):
     assert meta["serving"]["version"] == version
     for key in ("epsilon", "delta", "dp_mode", "accountant"):
       assert meta["privacy"][key] == privacy[key], (version, key)
-    assert meta["training_config"] == run["summary"]["config"]
+    # The run's config, less what a model must not carry (a DP run's seed, key paths).
+    assert meta["training_config"] == artifacts.exported_config(run["summary"]["config"])
+    assert "seed" not in meta["training_config"]
     assert meta["dataset_info"]["class_names"] == list(run["info"].class_names)
 
 
