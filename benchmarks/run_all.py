@@ -17,7 +17,6 @@ lock's 4.25.3), 10 with the pure-Python 3.20.3 (see the Levers section);
 date and machine, to --output; raw results go next to it as JSON.
 """
 
-import json
 import os
 import time
 
@@ -32,6 +31,7 @@ from benchmarks import bench_scale
 from benchmarks import bench_throughput
 from benchmarks import common_flags
 from benchmarks import report
+from tff_dpmed import files
 
 PIECES = ("round_time", "first_round", "scale", "throughput")
 _ONLY = flags.DEFINE_list("only", list(PIECES), f"Which pieces to run, of {', '.join(PIECES)}.")
@@ -131,7 +131,7 @@ def main(argv):
   with open(_OUTPUT.value, "w") as f:
     f.write(text)
   with open(os.path.splitext(_OUTPUT.value)[0] + ".json", "w") as f:
-    json.dump(raw, f, indent=1)
+    f.write(files.dumps(raw, indent=1))
   print(f"\nwritten to {_OUTPUT.value}")
 
 

@@ -321,3 +321,22 @@ def test_rounds_rerun_after_a_crash_are_accounted(data_dir, tmp_path):
   tb.Reload()
   steps = sorted({e.step for tag in tb.Tags()["tensors"] for e in tb.Tensors(tag)})
   assert steps == [1, 2, 3, 4]
+
+
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(data_dir, tmp_path):
+  flags = ["--rounds=40", "--dp_mode=none", "--seed=3"]
+  first = subprocess.Popen(_train_cmd(data_dir, tmp_path, "run", *flags), cwd=REPO_ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    _wait_for_rows(tmp_path / "run", 1, first)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").glob("*.json")}
+    second = subprocess.run(_train_cmd(data_dir, tmp_path, "run", *flags), cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)
+    message = _error_line(second)
+    assert "another run is using" in message
+    assert not list((tmp_path / "run" / "checkpoints").glob("*temp*"))
+    assert {p: p.read_bytes() for p in (tmp_path / "run").glob("*.json")} == before
+  finally:
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=120)
+  assert _stray_workers() == []

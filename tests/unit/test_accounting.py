@@ -374,3 +374,12 @@ def test_absurd_round_counts_are_refused_not_allocated():
   for rounds in (10**9, -1):
     with pytest.raises(UsageError, match="--rounds"):
       accounting.epsilon_for_rounds(setting(accountant="pld"), rounds)
+
+
+def test_ledger_json_is_strict_even_without_noise():
+  ledger = PrivacyLedger(setting(noise_multiplier=0.0))
+  ledger.record_round([1, 2])
+  assert ledger.epsilon() == math.inf
+  text = ledger.to_json()
+  json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
+  assert PrivacyLedger.from_json(text).epsilon_history == [(1, math.inf)]

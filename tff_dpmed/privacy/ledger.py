@@ -113,8 +113,9 @@ class PrivacyLedger:
         "spec": self.spec.to_json(),
         "rounds": self._rounds,
         "participation": sorted([i, c] for i, c in self._participation.items()),
-        "epsilon_history": [[r, e] for r, e in self._history],
-    })
+        # Strict JSON: an unbounded epsilon (no noise) is the string "inf".
+        "epsilon_history": [[r, e if math.isfinite(e) else "inf"] for r, e in self._history],
+    }, allow_nan=False)
 
   @classmethod
   def from_json(cls, text: str) -> "PrivacyLedger":
