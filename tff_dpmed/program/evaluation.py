@@ -42,4 +42,16 @@ def classification_metrics(info: DatasetInfo, labels: np.ndarray, probs: np.ndar
 
 
 def evaluate(keras_model, info: DatasetInfo, images, labels) -> dict:
-  return classification_metrics(info, labels, predict_probabilities(keras_model, info, images))
+  """Accuracy, AUC and the training loss (from the logits, so it does not saturate)."""
+  loss_fn = models.loss_for(info)
+  probs, loss_sum = [], 0.0
+  for start in range(0, len(images), 512):
+    logits = keras_model(preprocess_images(images[start:start + 512]), training=False)
+    batch = labels[start:start + 512]
+    target = batch.astype(np.float32) if info.multi_label else batch
+    loss_sum += float(loss_fn(target, logits)) * len(batch)
+    probs.append(models.probabilities(info, logits).numpy())
+  probs = np.concatenate(probs) if probs else np.zeros((0, info.num_classes), np.float32)
+  result = classification_metrics(info, labels, probs)
+  result["loss"] = loss_sum / len(images) if len(images) else float("nan")
+  return result

@@ -122,6 +122,7 @@ def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
   """
   last_saved = state.round
   event_verified = False
+  watch = DivergenceWatch()
   progress = tqdm.tqdm(total=settings.rounds, initial=state.round, desc="rounds", unit="round",
                        disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
   try:
@@ -156,7 +157,7 @@ def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
         if _evaluates(state.round + 1, settings):
           val = parts.evaluate(weights)
           hooks.after_evaluate(state.round + 1)
-          row.update(val_accuracy=val["accuracy"], val_auc=val["auc"])
+          row.update(val_loss=val["loss"], val_accuracy=val["accuracy"], val_auc=val["auc"])
           if math.isfinite(val["auc"]) and val["auc"] > state.best_val_auc:
             new_best = (state.round + 1, val["auc"], _flat(weights))
         if settings.write_unaccounted_metrics:
@@ -178,6 +179,8 @@ def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
           last_saved = state.round
       progress.update(1)
       progress.set_postfix(_postfix(row), refresh=False)
+      for warning in watch.check(row):
+        progress.write(warning, file=sys.stderr)
   except Stop:
     progress.close()
     with signals_deferred():
@@ -188,6 +191,44 @@ def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
   if state.round > last_saved:
     parts.checkpointer.save(state.tree(), state.round)
   return state
+
+
+class DivergenceWatch:
+  """One warning line when the released model's val loss, or the clip norm, runs away.
+
+  Both are released values (the val loss is post-processing of the DP model,
+  the adaptive clip norm comes from the noised count), so watching them leaks
+  nothing. Compared with the best seen so far; each kind warns once.
+  """
+
+  LOSS_FACTOR = 3.0
+  CLIP_FACTOR = 10.0
+
+  def __init__(self):
+    self._best = {}
+    self._warned = set()
+
+  def check(self, row: dict) -> list[str]:
+    warnings = []
+    for key, factor, what in (("val_loss", self.LOSS_FACTOR, "val loss"),
+                              ("clip_norm", self.CLIP_FACTOR, "clip norm")):
+      value = row.get(key)
+      if not isinstance(value, float) or key in self._warned:
+        continue
+      best = self._best.get(key)
+      if not math.isfinite(value):
+        self._warned.add(key)
+        warnings.append(f"warning: round {row['round']}: {what} is not finite: training is "
+                        "diverging; lower --server_learning_rate or --server_momentum")
+      elif best is not None and value > factor * best:
+        self._warned.add(key)
+        warnings.append(
+            f"warning: round {row['round']}: {what} {value:.4g} is over {factor:g}x its "
+            f"lowest so far ({best:.4g}): training is diverging; lower "
+            "--server_learning_rate or --server_momentum (or use --clip_mode=fixed)")
+      if math.isfinite(value):
+        self._best[key] = value if best is None else min(best, value)
+    return warnings
 
 
 def _over_budget(ledger: PrivacyLedger, participants, max_epsilon: Optional[float]) -> bool:

@@ -9,8 +9,8 @@ import tensorflow as tf
 
 from tff_dpmed.errors import UsageError
 
-COLUMNS = ("round", "clients", "train_loss", "train_accuracy", "val_accuracy", "val_auc",
-           "clip_norm", "round_seconds", "epsilon", "delta")
+COLUMNS = ("round", "clients", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+           "val_auc", "clip_norm", "round_seconds", "epsilon", "delta")
 
 
 class MetricsLog:
