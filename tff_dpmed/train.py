@@ -40,7 +40,9 @@ flags.DEFINE_string("data_dir", None, "Folder with the dataset files. Default: "
                     "$TFF_DPMED_DATA_DIR, else the user cache folder (downloads go there).")
 flags.DEFINE_bool("download", _D.download, "Download a missing MedMNIST file (MD5-checked).")
 flags.DEFINE_integer("num_clients", _D.num_clients, "Simulated institutions (privacy units).")
-flags.DEFINE_enum("partition", _D.partition, PARTITIONS, "How examples are split over clients.")
+flags.DEFINE_enum("partition", _D.partition, PARTITIONS, "How examples are split over clients: "
+                  "iid, dirichlet (label skew), or per_example (patients as clients: one "
+                  "example per client; needs --num_clients = the training examples).")
 flags.DEFINE_float("dirichlet_alpha", _D.dirichlet_alpha,
                    "Label-skew concentration for --partition=dirichlet; smaller is more skewed.")
 # Model and optimisation.

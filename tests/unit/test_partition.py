@@ -183,3 +183,11 @@ def test_too_many_label_groups_is_refused_not_slow():
   with pytest.raises(UsageError, match="200000 distinct classes") as e:
     partition.partition_dirichlet(labels, 1000, 0.5, seed=0)
   assert "\n" not in str(e.value)
+
+
+def test_per_example_gives_n_clients_of_one_example_each():
+  parts = partition.partition_per_example(7, 7)
+  assert len(parts) == 7
+  assert [p.tolist() for p in parts] == [[k] for k in range(7)]
+  with pytest.raises(UsageError, match="--num_clients=7"):
+    partition.partition_per_example(7, 6)

@@ -48,6 +48,22 @@ def partition_iid(num_examples: int, num_clients: int, seed: int) -> list[np.nda
   return [np.sort(part).astype(np.int64) for part in np.array_split(order, num_clients)]
 
 
+def partition_per_example(num_examples: int, num_clients: int) -> list[np.ndarray]:
+  """Patients as clients: client k holds example k alone.
+
+  Client-level DP is then example-level (patient-level) DP. `num_clients`
+  must be the number of examples, so the privacy unit count the accountant
+  uses is stated by the user, never changed behind their back.
+
+  Raises:
+    UsageError: num_clients differs from num_examples.
+  """
+  if num_clients != num_examples:
+    raise UsageError(f"--partition=per_example puts one example in each client, so it needs "
+                     f"--num_clients={num_examples} (the training examples), not {num_clients}")
+  return [np.array([k], np.int64) for k in range(int(num_examples))]
+
+
 def partition_groups(labels: np.ndarray) -> np.ndarray:
   """The single class each example counts as for label-skewed splitting.
 

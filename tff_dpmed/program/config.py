@@ -17,7 +17,7 @@ from typing import Any, Optional
 from tff_dpmed.errors import UsageError
 from tff_dpmed.privacy.spec import FLOAT32_MAX, DPMode, DPSpec
 
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "per_example")
 EXECUTORS = ("local", "remote")
 IMAGE_SIZES = (28, 64, 128, 224)
 # A run folder is one path component under --output_dir: no separators, no
@@ -49,7 +49,9 @@ class RunConfig:
   client_epochs: int = 1
   client_batch_size: int = 16
   client_learning_rate: float = 0.05
-  server_learning_rate: float = 1.0
+  # 0.3 with momentum 0.9: at 1.0 the momentum amplified the noise tenfold and the main
+  # job diverged (issue 14); see README "Results so far".
+  server_learning_rate: float = 0.3
   server_momentum: float = 0.9
   # Program.
   rounds_per_eval: int = 5

@@ -71,6 +71,8 @@ def prepare(cfg: RunConfig) -> PreparedRun:
   seed = 0 if cfg.seed is None else cfg.seed
   if cfg.partition == "iid":
     partitions = partition_lib.partition_iid(len(splits.train_labels), cfg.num_clients, seed)
+  elif cfg.partition == "per_example":
+    partitions = partition_lib.partition_per_example(len(splits.train_labels), cfg.num_clients)
   else:
     partitions = partition_lib.partition_dirichlet(splits.train_labels, cfg.num_clients,
                                                    cfg.dirichlet_alpha, seed)
