@@ -8,6 +8,10 @@ from MedMNIST 3.0.2's `medmnist/info.py`; the files are the Zenodo record
 Existing files are checked structurally (keys, dtypes, shapes, label range)
 rather than by MD5, which takes seconds for the 224 px files; pass
 `verify_md5=True` to also check it. Downloads are always MD5-checked.
+
+Why this module is over 400 lines: the metadata table of every 2-D dataset
+and the pre-load checks of each .npy header (declared size against the zip
+member, zip-bomb ratio, memory) belong with the one loader they guard.
 """
 
 import dataclasses
