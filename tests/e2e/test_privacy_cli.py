@@ -1,7 +1,6 @@
 """End-to-end tests of the privacy calculator, `python -m tff_dpmed.privacy`."""
 
 import json
-import math
 import pathlib
 import subprocess
 import sys

@@ -17,7 +17,7 @@ from typing import Sequence
 from tff_dpmed.errors import UsageError
 from tff_dpmed.privacy import accounting
 from tff_dpmed.privacy import mechanisms
-from tff_dpmed.privacy.spec import DPMode, DPSpec
+from tff_dpmed.privacy.spec import DPSpec
 
 
 class PrivacyLedger:

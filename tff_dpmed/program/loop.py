@@ -159,7 +159,7 @@ def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
           hooks.after_evaluate(state.round + 1)
           row.update(val_loss=val["loss"], val_accuracy=val["accuracy"], val_auc=val["auc"])
           if math.isfinite(val["auc"]) and val["auc"] > state.best_val_auc:
-            new_best = (state.round + 1, val["auc"], _flat(weights))
+            new_best = (state.round + 1, val["auc"], flat_weights(weights))
         if settings.write_unaccounted_metrics:
           row["round_seconds"] = time.time() - t0
       except (Stop, TrainingError):
@@ -256,7 +256,7 @@ def _round_row(round_num: int, metrics, participants, parts: LoopParts,
   return row
 
 
-def _flat(weights) -> list:
+def flat_weights(weights) -> list:
   return [np.asarray(w) for w in list(weights.trainable) + list(weights.non_trainable)]
 
 

@@ -36,7 +36,6 @@ from tff_dpmed.program import artifacts
 from tff_dpmed.program import evaluation
 from tff_dpmed.program import loop
 from tff_dpmed.program import run_dir as run_dir_lib
-from tff_dpmed.program.checkpoints import Checkpointer
 from tff_dpmed.program.config import RunConfig
 from tff_dpmed.program.metrics_log import MetricsLog
 from tff_dpmed.program.sampling import ClientSampler
@@ -262,7 +261,7 @@ def _finish(run: PreparedRun, process, state: loop.ProgramState, ledger: Privacy
             wall_seconds: float) -> dict:
   """Model selection on val; the test split is used once, here, for the report."""
   cfg, splits, info = run.config, run.splits, run.splits.info
-  final_weights = state.best_weights if state.best_round > 0 else loop._flat(  # pylint: disable=protected-access
+  final_weights = state.best_weights if state.best_round > 0 else loop.flat_weights(
       process.get_model_weights(state.learning_state))
   keras_model = _eager_model(cfg, info, final_weights)
   test = evaluation.evaluate(keras_model, info, splits.test_images, splits.test_labels)
