@@ -1,5 +1,6 @@
 """What a run leaves behind besides metrics: config, final weights, the SavedModel."""
 
+import io
 import json
 import os
 import zipfile
@@ -7,6 +8,7 @@ import zlib
 
 import numpy as np
 
+from tff_dpmed import files
 from tff_dpmed import models
 from tff_dpmed.data.types import DatasetInfo
 from tff_dpmed.errors import UsageError
@@ -16,10 +18,9 @@ FINAL_WEIGHTS = "final_weights.npz"
 
 
 def save_final_weights(run_dir: str, keras_model) -> None:
-  path = os.path.join(run_dir, FINAL_WEIGHTS)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, *keras_model.get_weights())
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, *keras_model.get_weights())
+  files.write_atomic(os.path.join(run_dir, FINAL_WEIGHTS), buffer.getvalue())
 
 
 # Where the run executed and its local paths to keys and ledgers are not the model's business.

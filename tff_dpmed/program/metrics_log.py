@@ -1,12 +1,14 @@
 """Per-round metrics: metrics.csv (one row per round) and TensorBoard curves."""
 
 import csv
+import io
 import math
 import os
 import shutil
 
 import tensorflow as tf
 
+from tff_dpmed import files
 from tff_dpmed.errors import UsageError
 
 COLUMNS = ("round", "clients", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
@@ -25,12 +27,11 @@ class MetricsLog:
   def __init__(self, run_dir: str, resume_round: int = 0):
     self.path = os.path.join(run_dir, "metrics.csv")
     kept = [row for row in _read_rows(self.path) if int(row["round"]) <= resume_round]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=COLUMNS)
-      writer.writeheader()
-      writer.writerows(kept)
-    os.replace(tmp, self.path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(kept)
+    files.write_atomic(self.path, text.getvalue().encode("utf-8"))
     self._file = open(self.path, "a", newline="")
     self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
     tensorboard = os.path.join(run_dir, "tensorboard")

@@ -43,6 +43,7 @@ from tensorflow_serving.config import model_server_config_pb2
 import tff_dpmed
 from tff_dpmed.data.preprocess import preprocess_images
 from tff_dpmed.data.types import DatasetInfo
+from tff_dpmed import files
 from tff_dpmed.errors import UsageError
 from tff_dpmed.models import probabilities
 from tff_dpmed.serving.export_metadata import METADATA_DIR, METADATA_FILENAME, read_export_metadata  # pylint: disable=unused-import
@@ -311,13 +312,4 @@ def _write_metadata(saved_model_dir: str, info: DatasetInfo, model_name: str,
 
 
 def _write_atomically(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
-                             dir=os.path.dirname(path) or ".")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  files.write_atomic(path, text.encode("utf-8"))
