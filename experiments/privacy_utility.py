@@ -61,6 +61,8 @@ def _define_flags() -> None:
   f.DEFINE_string("model", d("model"), "cnn, gap_cnn or resnet18 (tff_dpmed.models).")
   f.DEFINE_integer("client_batch_size", 32, "Local batch size.")
   f.DEFINE_float("client_learning_rate", d("client_learning_rate"), "Client SGD learning rate.")
+  f.DEFINE_float("server_learning_rate", d("server_learning_rate"), "Server learning rate "
+                 "(the committed results/ used 1.0, the trainer's default then).")
   f.DEFINE_integer("rounds_per_eval", 2, "Val evaluation (and training-curve point) every N "
                    "rounds.")
   f.DEFINE_list("modes", list(MODES), "DP modes to run: none, central, local.")
@@ -147,6 +149,7 @@ def main(argv):
               clients_per_round=FLAGS.clients_per_round, sampling=FLAGS.sampling,
               rounds=FLAGS.rounds, model=FLAGS.model, client_batch_size=FLAGS.client_batch_size,
               client_learning_rate=FLAGS.client_learning_rate,
+              server_learning_rate=FLAGS.server_learning_rate,
               rounds_per_eval=FLAGS.rounds_per_eval)
   settings = StudySettings(base=base, output_dir=FLAGS.output_dir, clip=FLAGS.clip,
                            central_clip_mode=FLAGS.central_clip_mode,
