@@ -335,9 +335,10 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(data_di
                             capture_output=True, text=True, timeout=600)
     message = _error_line(second)
     assert "another run is using" in message
-    assert not list((tmp_path / "run" / "checkpoints").glob("*temp*"))
     assert config.read_bytes() == before
   finally:
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=120)
+  # The first run's checkpoint writes completed; the refused run left no temporary ones.
+  assert not list((tmp_path / "run" / "checkpoints").glob("*temp*"))
   assert _stray_workers() == []

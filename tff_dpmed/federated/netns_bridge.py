@@ -124,6 +124,12 @@ async def _serve(socket_path: str, port: int, ready_timeout_s: float) -> None:
     server.close()
 
 
+def _exit_cleanly(signum, frame) -> None:
+  """Until asyncio takes over the stop signals: leave through _run_forwarder's cleanup."""
+  del signum, frame
+  raise SystemExit(0)
+
+
 def _run_forwarder(socket_path: str, port: int, binary_pid: int, ready_timeout_s: float):
   """The forked child: forwards until the binary (its parent) is gone; never returns."""
   code = 0
@@ -132,6 +138,8 @@ def _run_forwarder(socket_path: str, port: int, binary_pid: int, ready_timeout_s
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() == binary_pid:  # Else the binary already died: nothing to serve.
       asyncio.run(_serve(socket_path, port, ready_timeout_s))
+  except SystemExit:
+    pass  # A stop signal before asyncio's handlers: a normal stop.
   except BaseException as e:  # pylint: disable=broad-except
     _log(f"forwarder failed: {e!r}")
     code = 1
@@ -166,8 +174,16 @@ def main() -> int:
   binary_pid = os.getpid()
   sys.stdout.flush()
   sys.stderr.flush()
+  # Stop signals are held across the fork, so the forwarder cannot be ended by
+  # one (default action: no cleanup) before its own handler is in place.
+  stop_signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+  previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
   if os.fork() == 0:
+    for signum in stop_signals:
+      signal.signal(signum, _exit_cleanly)
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     _run_forwarder(args.socket, args.port, binary_pid, args.ready_timeout_s)
+  signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)  # The binary gets the old mask.
   try:
     os.execv(command[0], [*command, f"--port={args.port}"])
   except OSError as e:
