@@ -61,7 +61,15 @@ flags.DEFINE_float("server_learning_rate", _D.server_learning_rate, "Server lear
 flags.DEFINE_float("server_momentum", _D.server_momentum, "Server SGD momentum (0 = none).")
 # Privacy.
 flags.DEFINE_enum("dp_mode", _D.dp_mode, choices(DPMode), "central: the server adds noise once to "
-                  "the clipped sum; local: each client noises its own update; none: baseline.")
+                  "the clipped sum; local: each client noises its own update; example: DP-SGD "
+                  "inside each client (patient-level DP; needs --clip_mode=fixed, --clip is the "
+                  "per-example clip); none: baseline.")
+flags.DEFINE_enum("client_dp", _D.client_dp, ("none", "central"), "With --dp_mode=example: "
+                  "also clip each client's update to --server_clip and noise the sum at the "
+                  "server with --server_noise_multiplier (a client-level guarantee beside the "
+                  "example-level one).")
+flags.DEFINE_float("server_noise_multiplier", None, "--client_dp=central: the client-level z.")
+flags.DEFINE_float("server_clip", None, "--client_dp=central: clip norm of each client update.")
 flags.DEFINE_float("noise_multiplier", None, "Noise stddev / clip norm (z).")
 flags.DEFINE_float("target_epsilon", None, "Instead of --noise_multiplier: the smallest noise "
                    "that meets this epsilon after --rounds.")
@@ -128,7 +136,8 @@ def config_from_flags() -> RunConfig:
   names = ("dataset", "data_dir", "download", "num_clients", "partition", "dirichlet_alpha",
            "model", "rounds", "clients_per_round", "sampling", "client_epochs",
            "client_batch_size", "client_learning_rate", "server_learning_rate",
-           "server_momentum", "dp_mode", "noise_multiplier", "target_epsilon", "max_epsilon",
+           "server_momentum", "dp_mode", "client_dp", "server_noise_multiplier", "server_clip",
+           "noise_multiplier", "target_epsilon", "max_epsilon",
            "delta", "accountant", "clip_mode", "clip", "target_unclipped_quantile",
            "adaptive_clip_learning_rate", "clipped_count_stddev", "rounds_per_eval",
            "rounds_per_checkpoint", "output_dir", "experiment_name", "seed", "restart", "audit",
@@ -166,6 +175,10 @@ def main(argv, hooks: Optional[trainer.RoundHooks] = None):
     a = summary["audit"]
     print(f"membership-inference audit: attack AUC {a['attack_auc']:.3f}, attacker advantage "
           f"{a['attacker_advantage']:.3f}")
+  if "client_level" in p:
+    c = p["client_level"]
+    print(f"client-level (server) epsilon {c['epsilon']:.3f}  delta {c['delta']}  (per hospital, "
+          "on top of the example-level guarantee)")
   print(f"run folder: {run.config.run_dir}   SavedModel: {summary['saved_model']}")
   print(files.dumps({k: summary[k] for k in ("test_accuracy", "test_auc")} |
                     {"epsilon": p["epsilon"], "delta": p["delta"],

@@ -216,3 +216,45 @@ def make_eval_dataset(images: np.ndarray, labels: np.ndarray, info: DatasetInfo,
           .batch(batch_size, drop_remainder=False)
           .map(lambda x, y: collections.OrderedDict(x=preprocess_images(x),
                                                     y=preprocess_labels(y, info))))
+
+
+def make_whole_client_data(images: np.ndarray, labels: np.ndarray,
+                           partitions: Sequence[np.ndarray], info: DatasetInfo
+                           ) -> tff.simulation.datasets.ClientData:
+  """One dataset per client holding a single element: all its examples and its id.
+
+  For DP-SGD inside the clients (`privacy.example_dp`), which Poisson-samples
+  every local batch itself: a batched pipeline would fix the batches the
+  accountant assumes are random. The element is
+  `OrderedDict(x=(n_k, H, W, C) float32, y=(n_k,) or (n_k, K), client=int64)`,
+  with `x` and `y` as `make_federated_train_data` makes them.
+  """
+  images, labels = np.asarray(images), np.asarray(labels)
+  _check_arrays(images, labels, info)
+  flat, offsets = _flatten_partitions(partitions, len(images))
+  shared = _SharedArrays(images=images, labels=labels, flat=flat, offsets=offsets)
+
+  def client_dataset(client_id) -> tf.data.Dataset:
+    images_t, labels_t = shared.get("images"), shared.get("labels")
+    flat_t, offsets_t = shared.get("flat"), shared.get("offsets")
+    client = tf.strings.to_number(client_id, out_type=tf.int64)
+    indices = flat_t[offsets_t[client]:offsets_t[client + 1]]
+    x = tf.gather(images_t, indices)
+    return tf.data.Dataset.from_tensors(collections.OrderedDict(
+        x=preprocess_images(x) if x.dtype == tf.uint8 else x,
+        y=preprocess_labels(tf.gather(labels_t, indices), info),
+        client=client))
+
+  client_ids = [str(i) for i in range(len(offsets) - 1)]
+  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(client_ids, client_dataset)
+
+
+def any_client_size(element_type) -> collections.OrderedDict:
+  """`make_whole_client_data`'s element type for every client, not only the first.
+
+  TFF reads the element type off one client's dataset, whose example count
+  is static there; the computation must take any count.
+  """
+  relax = lambda spec: tf.TensorSpec([None] + spec.shape[1:], spec.dtype)
+  return collections.OrderedDict(x=relax(element_type["x"]), y=relax(element_type["y"]),
+                                 client=element_type["client"])

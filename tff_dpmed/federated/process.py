@@ -4,6 +4,7 @@ import collections
 import dataclasses
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -83,20 +84,27 @@ def release_no_client_metrics(metric_finalizers, local_unfinalized_metrics_type=
 
 def build_learning_process(model, mechanism, opt: OptimizerConfig,
                            release_client_metrics: bool,
-                           loop_implementation: tff.learning.LoopImplementation = CLIENT_LOOP):
+                           loop_implementation: tff.learning.LoopImplementation = CLIENT_LOOP,
+                           client_element_type=None):
   """DP-FedAvg: uniform client weighting, as client-level DP needs bounded per-client influence.
 
   `mechanism` (a `privacy.mechanisms.Mechanism`) supplies the aggregator;
   client updates reach it through `safe_updates.bounded`, so no finite update
-  can overflow the clipping. `loop_implementation` is TFF's client loop.
+  can overflow the clipping. `loop_implementation` is TFF's client loop. A
+  mechanism that trains inside the clients (DP-SGD) supplies the client work
+  too; it reads datasets of `client_element_type`.
   """
   aggregator = mechanism.aggregator()
   if aggregator is not None:
     aggregator = safe_updates.bounded(aggregator)
-  client_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=opt.client_learning_rate)
   server_optimizer = tff.learning.optimizers.build_sgdm(
       learning_rate=opt.server_learning_rate,
       momentum=opt.server_momentum if opt.server_momentum > 0 else None)
+  if client_element_type is not None:
+    client_work = mechanism.client_work(model, client_element_type, opt.client_learning_rate)
+    if client_work is not None:
+      return _compose_with_client_work(model, client_work, aggregator, server_optimizer)
+  client_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=opt.client_learning_rate)
   return tff.learning.algorithms.build_unweighted_fed_avg(
       model,
       client_optimizer_fn=client_optimizer,
@@ -104,3 +112,25 @@ def build_learning_process(model, mechanism, opt: OptimizerConfig,
       model_aggregator=aggregator,
       metrics_aggregator=None if release_client_metrics else release_no_client_metrics,
       loop_implementation=loop_implementation)
+
+
+def _compose_with_client_work(model, client_work, aggregator, server_optimizer):
+  """FedAvg's composition (TFF's `build_unweighted_fed_avg`) around another client work."""
+
+  @tff.tensorflow.computation
+  def initial_model_weights():
+    trainable, non_trainable = model.initial_weights
+    return tff.learning.models.ModelWeights(
+        tuple(tf.convert_to_tensor(w) for w in trainable),
+        tuple(tf.convert_to_tensor(w) for w in non_trainable))
+
+  weights_type = initial_model_weights.type_signature.result
+  update_aggregator = tff.aggregators.as_weighted_aggregator(
+      aggregator or tff.aggregators.UnweightedMeanFactory()).create(
+          weights_type.trainable, tff.TensorType(np.float32))
+  return tff.learning.templates.compose_learning_process(
+      initial_model_weights,
+      tff.learning.templates.build_broadcast_process(weights_type),
+      client_work,
+      update_aggregator,
+      tff.learning.templates.build_apply_optimizer_finalizer(server_optimizer, weights_type))

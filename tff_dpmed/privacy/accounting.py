@@ -50,6 +50,10 @@ def check_accountant(spec: DPSpec) -> None:
 def _pld_supports(spec: DPSpec) -> bool:
   if spec.mode is DPMode.NONE:
     return True  # Nothing is composed.
+  if spec.mode is DPMode.EXAMPLE:
+    # PLD could (Poisson-sampled Gaussians), but a PLD query costs seconds per
+    # client size and the ledger asks every round: RDP unless --accountant=pld.
+    return False
   # z = 1 stands in for any positive z: support depends on structure only.
   probe = mechanisms.for_spec(dataclasses.replace(
       spec, noise_multiplier=1.0,
@@ -79,17 +83,20 @@ def _pld_interval_for(event: dp_accounting.DpEvent, count: int) -> float:
   return _PLD_DEFAULT_INTERVAL
 
 
-def make_accountant(spec: DPSpec, count: int = 1,
-                    accountant: Optional[str] = None) -> dp_accounting.PrivacyAccountant:
-  """A fresh accountant of the resolved kind, for `count` compositions."""
+def make_accountant(spec: DPSpec, count: int = 1, accountant: Optional[str] = None,
+                    event: Optional[dp_accounting.DpEvent] = None
+                    ) -> dp_accounting.PrivacyAccountant:
+  """A fresh accountant of the resolved kind, for `count` compositions of `event`
+  (default: the spec's one accounted event)."""
   kind = accountant or resolve_accountant(spec)
   mechanism = mechanisms.for_spec(spec)
   relation = mechanism.neighboring_relation
   if kind == "rdp":
-    if mechanism.amplified and spec.sampling is Sampling.FIXED:
+    if mechanism.amplified and spec.sampling is Sampling.FIXED and spec.mode is not DPMode.EXAMPLE:
       _check_wor_convention()
     return dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
-  event = mechanism.accounted_event(single_gaussian=True)
+  if event is None:
+    event = mechanism.accounted_event(single_gaussian=True)
   return dp_accounting.pld.PLDAccountant(
       relation, value_discretization_interval=_pld_interval_for(event, count))
 
@@ -113,7 +120,7 @@ def _check_wor_convention() -> None:
 
 
 class _EpsilonEngine:
-  """Epsilon after k compositions of one spec's event, cached.
+  """Epsilon after k compositions of one of a spec's accounting terms, cached.
 
   RDP: the one-step RDP curve is computed once; k steps are k times it
   (exactly what RdpAccountant.compose(event, k) does), so each query is cheap.
@@ -121,10 +128,11 @@ class _EpsilonEngine:
   (for Poisson sampling; unsampled Gaussians are cheap to redo); memoised.
   """
 
-  def __init__(self, spec: DPSpec):
+  def __init__(self, spec: DPSpec, term: int = 0):
     self.spec = spec
     self.accountant = resolve_accountant(spec)
-    self.event = accounted_event(spec, self.accountant)
+    self.event, _ = mechanisms.for_spec(spec).accounting_terms(
+        single_gaussian=self.accountant == "pld")[term]
     self._memo: dict[int, float] = {}
     self._rdp_one = None
     self._orders = None
@@ -154,7 +162,7 @@ class _EpsilonEngine:
               sampling_prob=self.event.sampling_probability)
         eps = self._pld_one.self_compose(count).get_epsilon_for_delta(self.spec.delta)
       else:
-        acc = make_accountant(self.spec, count, "pld").compose(self.event, count)
+        acc = make_accountant(self.spec, count, "pld", self.event).compose(self.event, count)
         eps = acc.get_epsilon(self.spec.delta)
       self._memo[count] = float(eps)
     return self._memo[count]
@@ -165,9 +173,9 @@ class _EpsilonEngine:
             and self.event.event.noise_multiplier > 0)
 
 
-@functools.lru_cache(maxsize=32)
-def _engine(spec: DPSpec) -> _EpsilonEngine:
-  return _EpsilonEngine(spec)
+@functools.lru_cache(maxsize=64)
+def _engine(spec: DPSpec, term: int = 0) -> _EpsilonEngine:
+  return _EpsilonEngine(spec, term)
 
 
 def clear_caches() -> None:
@@ -187,8 +195,15 @@ def check_rounds(rounds) -> int:
 
 
 def epsilon_after(spec: DPSpec, compositions: int) -> float:
-  """Epsilon at `spec.delta` after `compositions` accounting steps."""
-  return _engine(mechanisms.require_calibrated(spec)).epsilon(check_rounds(compositions))
+  """Epsilon at `spec.delta` after `compositions` accounting steps, for the worst-off unit.
+
+  For DP-SGD an accounting step is a round: each client size's step event
+  composed `local_steps` times per round; epsilon is the largest.
+  """
+  mechanism = mechanisms.for_spec(mechanisms.require_calibrated(spec))
+  count = check_rounds(compositions)
+  return max(_engine(spec, term).epsilon(count * per_step)
+             for term, (_, per_step) in enumerate(mechanism.accounting_terms()))
 
 
 def epsilon_for_rounds(spec: DPSpec, rounds: int) -> float:
@@ -204,12 +219,16 @@ def epsilon_for_rounds(spec: DPSpec, rounds: int) -> float:
 def explain(spec: DPSpec) -> list[str]:
   """Human-readable lines: what is accounted for, how, and why."""
   mechanism = mechanisms.for_spec(mechanisms.require_calibrated(spec))
-  lines = [f"privacy unit: one {mechanism.privacy_unit} (all of one hospital's data)"]
+  lines = [f"privacy unit: one {mechanism.privacy_unit} (all of one hospital's data)"
+           if mechanism.privacy_unit == "client" else
+           f"privacy unit: one {mechanism.privacy_unit} (one patient's image)"]
   if not mechanism.states_guarantee:
     return lines + mechanism.describe()
   kind = resolve_accountant(spec)
   why = (" (requested)" if spec.accountant is not Accountant.AUTO else
          " (auto: PLD supports this event)" if kind == "pld" else
+         " (auto: RDP; PLD costs seconds per client size per query)"
+         if spec.mode is DPMode.EXAMPLE else
          " (auto: PLD cannot amplify this sampling, so RDP)")
   lines.append(f"accountant: {kind.upper()}{why}")
   lines += mechanism.describe()

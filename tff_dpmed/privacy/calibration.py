@@ -59,6 +59,9 @@ def calibrate_noise_multiplier(setting: DPSpec, rounds: int, target_epsilon: flo
   if setting.mode is DPMode.NONE:
     raise UsageError("--dp_mode=none adds no noise, so there is nothing to calibrate: "
                      "drop --target_epsilon or use --dp_mode=central or --dp_mode=local")
+  if setting.mode is DPMode.EXAMPLE and setting.noise_seed is not None:
+    raise UsageError("--seed makes DP-SGD's batches and noise predictable, so no noise meets "
+                     "an epsilon target (epsilon = inf): drop --seed (debugging only)")
   z_max = MAX_NOISE_MULTIPLIER
   fixed_s = setting.adaptive and setting.clipped_count_stddev is not None
   if fixed_s:
@@ -102,10 +105,15 @@ def calibrate_noise_multiplier(setting: DPSpec, rounds: int, target_epsilon: flo
     # (PLD grid) is the one `epsilon_for_rounds` would use for that z.
     return accounting.make_accountant(state["setting"], rounds, kind)
 
-  z = float(dp_accounting.calibrate_dp_mechanism(
-      make_fresh_accountant, make_event, target, setting.delta,
-      bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi),
-      tol=_RELATIVE_Z_TOL * lo))
+  if setting.mode is DPMode.EXAMPLE:
+    # Epsilon is the worst of several client sizes' compositions, which is no
+    # single DpEvent for dp_accounting's search: bisect on it directly.
+    z = _bisect(epsilon, target, lo, hi, _RELATIVE_Z_TOL * lo)
+  else:
+    z = float(dp_accounting.calibrate_dp_mechanism(
+        make_fresh_accountant, make_event, target, setting.delta,
+        bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi),
+        tol=_RELATIVE_Z_TOL * lo))
   achieved = epsilon(z)
   for _ in range(3):
     if achieved <= target:
@@ -119,6 +127,17 @@ def calibrate_noise_multiplier(setting: DPSpec, rounds: int, target_epsilon: flo
         f"calibration found noise_multiplier={z:.6g} with epsilon {achieved:.6g}, "
         f"outside [{(1 - TOLERANCE) * target:.6g}, {target:.6g}]")
   return z
+
+
+def _bisect(epsilon, target: float, lo: float, hi: float, tol: float) -> float:
+  """The hi end of [lo, hi], narrowed to `tol`, with epsilon(hi) <= target < epsilon(lo)."""
+  while hi - lo > tol:
+    mid = (lo + hi) / 2
+    if epsilon(mid) <= target:
+      hi = mid
+    else:
+      lo = mid
+  return hi
 
 
 def _bracket(epsilon, target: float, guess: float, z_max: float):

@@ -12,7 +12,7 @@ import json
 import uuid
 import math
 import operator
-from typing import Sequence
+from typing import Optional, Sequence
 
 from tff_dpmed.errors import UsageError
 from tff_dpmed.privacy import accounting
@@ -89,6 +89,19 @@ class PrivacyLedger:
     if not self._history or self._history[-1][0] != self._rounds:
       self._history.append((self._rounds, eps))
     return eps
+
+  def client_level_epsilon(self) -> Optional[float]:
+    """Epsilon of the client-level layer at `client_level_delta`, or None without one."""
+    inner = self._mechanism.client_level()
+    if inner is None:
+      return None
+    return accounting.epsilon_after(
+        inner.spec, inner.compositions(self._rounds, self.max_participation))
+
+  @property
+  def client_level_delta(self) -> Optional[float]:
+    inner = self._mechanism.client_level()
+    return None if inner is None else inner.spec.delta
 
   def check_matches(self, spec: DPSpec) -> None:
     """Raises UsageError unless this ledger accounts for exactly `spec`.

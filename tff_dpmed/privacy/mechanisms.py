@@ -43,6 +43,9 @@ class Mechanism(abc.ABC):
   amplified_by_sampling: ClassVar[bool] = True
   # Whether the run states an (epsilon, delta) at all (not for the baseline).
   states_guarantee: ClassVar[bool] = True
+  # Whether the client work samples its own batches from all of a client's
+  # examples (DP-SGD), rather than reading prepared batches.
+  samples_batches_itself: ClassVar[bool] = False
 
   def __init__(self, spec: DPSpec):
     if spec.mode is not self.mode:
@@ -76,9 +79,30 @@ class Mechanism(abc.ABC):
                                 s.clients_per_round, self.amplified_by_sampling,
                                 amplify=self.amplified, single_gaussian=single_gaussian)
 
+  def accounting_terms(self, single_gaussian: bool = False
+                       ) -> list[tuple[dp_accounting.DpEvent, int]]:
+    """(event, compositions per accounting step) for each class of privacy unit.
+
+    Epsilon is the largest over the classes: the worst-off unit. One class
+    for client-level mechanisms; one per client size for DP-SGD.
+    """
+    return [(self.accounted_event(single_gaussian), 1)]
+
   @property
   def neighboring_relation(self) -> events.NeighboringRelation:
     return events.neighboring_relation(self.spec.sampling, self.amplified_by_sampling)
+
+  def client_work(self, model, element_type, learning_rate: float):
+    """A TFF `ClientWorkProcess` that is part of the mechanism, or None (plain FedAvg).
+
+    `element_type` is the type of the clients' dataset elements.
+    """
+    del model, element_type, learning_rate
+    return None
+
+  def client_level(self) -> Optional["Mechanism"]:
+    """A second, client-level mechanism at the server (example mode), or None."""
+    return None
 
   def compositions(self, rounds: int, max_participation: int) -> int:
     """How many accounting steps `rounds` rounds are for the worst-off unit."""
@@ -291,8 +315,129 @@ class LocalGaussian(Mechanism):
             "takes part in every round"]
 
 
+class ExampleDPSGD(Mechanism):
+  """DP-SGD inside every client: patient-level (example-level) DP.
+
+  Each local step Poisson-samples the client's examples with q_k = B / n_k,
+  clips each example's gradient to C, adds N(0, (zC)^2) to the sum once and
+  divides by B (fixed, so one example moves the step by at most C / B). One
+  step releases PoissonSampled(q_k, G(z)) of each example's data; a round is
+  `spec.local_steps(n_k)` of them. Every round is accounted for every client,
+  whether it was sampled or not (no amplification by client sampling:
+  conservative), and epsilon is that of the worst client size.
+
+  The updates that leave a client are DP per example already, so the server
+  need not be trusted for it; nothing else leaves a client (no metrics). With
+  `client_dp=central` the server also clips and noises each client's update
+  (`client_level()`), a client-level guarantee reported beside this one.
+  """
+
+  mode = DPMode.EXAMPLE
+  privacy_unit = "example"
+  samples_batches_itself = True
+
+  def __init__(self, spec: DPSpec):
+    super().__init__(spec)
+    if not spec.client_sizes:
+      raise ValueError("example-level DP needs the client sizes (DPSpec.client_sizes)")
+    server = spec.client_level_spec()
+    self._client_level = CentralGaussian(server) if server is not None else None
+
+  def release_event(self) -> dp_accounting.DpEvent:
+    """One DP-SGD step (unsampled): the clipped sum moves by C, noise zC."""
+    return dp_accounting.GaussianDpEvent(self.spec.noise_multiplier)
+
+  @property
+  def neighboring_relation(self) -> events.NeighboringRelation:
+    return events.NeighboringRelation.ADD_OR_REMOVE_ONE
+
+  def accounted_event(self, single_gaussian: bool = False) -> dp_accounting.DpEvent:
+    raise NotImplementedError("DP-SGD has one event per client size: use accounting_terms")
+
+  def step_event(self, client_size: int) -> dp_accounting.DpEvent:
+    """One local step of a client with `client_size` examples, as accounted."""
+    release = self.release_event()
+    if self.spec.noise_multiplier == 0 or not self.amplified:
+      return dp_accounting.NonPrivateDpEvent()
+    q = self.spec.batch_size / client_size
+    return release if q >= 1 else dp_accounting.PoissonSampledDpEvent(q, release)
+
+  @property
+  def amplified(self) -> bool:
+    # With --seed the batches and the noise are predictable: nothing is protected.
+    return self.spec.noise_seed is None
+
+  def accounting_terms(self, single_gaussian: bool = False):
+    del single_gaussian  # Already single Gaussians.
+    return [(self.step_event(n), self.spec.local_steps(n))
+            for n in sorted(set(self.spec.client_sizes))]
+
+  def check_cohort(self, cohort_size: int) -> None:
+    # Example-level accounting counts every round for every client; the
+    # client-level layer accounts for the sampling it assumes.
+    if self._client_level is not None:
+      self._client_level.check_cohort(cohort_size)
+
+  def client_level(self) -> Optional[Mechanism]:
+    return self._client_level
+
+  def aggregator(self):
+    return self._client_level.aggregator() if self._client_level is not None else None
+
+  def client_work(self, model, element_type, learning_rate: float):
+    from tff_dpmed.privacy import example_dp  # TFF: only when a process is built.
+    s = self.spec
+    return example_dp.build_dp_sgd_client_work(
+        model, element_type=element_type, clip=s.clip, noise_multiplier=s.noise_multiplier, batch_size=s.batch_size,
+        local_epochs=s.local_epochs, learning_rate=learning_rate, seed=s.noise_seed)
+
+  def clip_norm(self, aggregator_metrics):
+    del aggregator_metrics
+    return self.spec.clip
+
+  def verify_recorded_event(self, aggregator_state) -> None:
+    if self._client_level is not None:
+      self._client_level.verify_recorded_event(aggregator_state)
+
+  def noise_choices(self) -> dict[str, Any]:
+    s = self.spec
+    z, clip, b = s.noise_multiplier, s.clip, s.batch_size
+    smallest = min(s.client_sizes)
+    choices = {
+        "dp_mode": "example", "clip": clip, "noise_multiplier": z, "expected_batch": b,
+        "local_epochs": s.local_epochs, "smallest_client": smallest,
+        "steps_per_round_smallest_client": s.local_steps(smallest),
+        "noise_stddev_per_step": z * clip / b, "seeded": s.noise_seed is not None,
+        "why": (f"each local step Poisson-samples examples with q = {b} / n_k, clips each "
+                f"example's gradient to L2 norm {clip:g}, adds N(0, ({z:g} * {clip:g})^2) to "
+                f"the sum and divides by {b}: gradient noise stddev {z * clip / b:.4g}"
+                + ("; SEEDED: predictable, so not private (epsilon = inf)"
+                   if s.noise_seed is not None else ""))}
+    if self._client_level is not None:
+      choices.update({f"client_level_{k}": v
+                      for k, v in self._client_level.noise_choices().items()})
+    return choices
+
+  def describe(self) -> list[str]:
+    s = self.spec
+    sizes = sorted(set(s.client_sizes))
+    lines = [f"DP-SGD in every client: Poisson batches with q_k = {s.batch_size} / n_k, "
+             f"per-example clip {s.clip:g}, noise G(z) = G({s.noise_multiplier:g}) per step, "
+             f"ceil({s.local_epochs} * n_k / {s.batch_size}) steps per round",
+             "neighbouring relation: add/remove one example; every round counts for every "
+             "client (client sampling is not used to amplify: conservative)",
+             f"epsilon is the worst client's: sizes {sizes[0]}..{sizes[-1]} "
+             f"({len(sizes)} distinct)"]
+    if not self.amplified:
+      lines.append("seeded batches and noise: predictable, so epsilon = inf")
+    if self._client_level is not None:
+      lines += ["client level (server): " + line for line in self._client_level.describe()]
+    return lines
+
+
 _BY_MODE: dict[DPMode, type[Mechanism]] = {
-    DPMode.NONE: NoDP, DPMode.CENTRAL: CentralGaussian, DPMode.LOCAL: LocalGaussian}
+    DPMode.NONE: NoDP, DPMode.CENTRAL: CentralGaussian, DPMode.LOCAL: LocalGaussian,
+    DPMode.EXAMPLE: ExampleDPSGD}
 
 
 def for_spec(spec: DPSpec) -> Mechanism:
@@ -338,5 +483,5 @@ def _compare_events(ours: dp_accounting.DpEvent, theirs: dp_accounting.DpEvent,
     problems.append(f"{path}: {ours} accounted, TFF has {theirs}")
 
 
-__all__: Sequence[str] = ("CentralGaussian", "LocalGaussian", "Mechanism", "NoDP",
+__all__: Sequence[str] = ("CentralGaussian", "ExampleDPSGD", "LocalGaussian", "Mechanism", "NoDP",
                           "for_spec", "require_calibrated")

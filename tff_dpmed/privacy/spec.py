@@ -23,6 +23,7 @@ class DPMode(str, enum.Enum):
   """Where the noise is added (one `mechanisms.Mechanism` class each)."""
   CENTRAL = "central"
   LOCAL = "local"
+  EXAMPLE = "example"
   NONE = "none"
 
 
@@ -115,6 +116,16 @@ class DPSpec:
     reproducible_sampling: Client sampling is seeded (--seed with
       --insecure_reproducible_sampling). Whoever knows the seed knows each
       cohort, so sampling amplifies nothing and is not accounted as if it did.
+    batch_size: Example mode: the expected local batch B; each example joins
+      a local step with probability B / n_k (Poisson), and the noised sum is
+      divided by B, a fixed denominator.
+    local_epochs: Example mode: E; a client with n_k examples takes
+      `local_steps(n_k)` = ceil(E n_k / B) DP-SGD steps per round.
+    client_sizes: Example mode: n_k of every client, in client order. Treated
+      as public, as DP-SGD treats its data set size.
+    client_dp: Example mode: the client-level layer at the server as well
+      (central: clip each client update to `server_clip` and add
+      N(0, (server_noise_multiplier * server_clip)^2) to the sum), or none.
   """
   mode: DPMode
   noise_multiplier: Optional[float] = None
@@ -130,6 +141,12 @@ class DPSpec:
   clipped_count_stddev: Optional[float] = None
   noise_seed: Optional[int] = None
   reproducible_sampling: bool = False
+  batch_size: Optional[int] = None
+  local_epochs: int = 1
+  client_sizes: tuple = ()
+  client_dp: DPMode = DPMode.NONE
+  server_noise_multiplier: Optional[float] = None
+  server_clip: Optional[float] = None
 
   def __post_init__(self):
     set_field = lambda name, value: object.__setattr__(self, name, value)
@@ -137,6 +154,8 @@ class DPSpec:
     set_field("sampling", _enum(Sampling, self.sampling, "sampling"))
     set_field("accountant", _enum(Accountant, self.accountant, "accountant"))
     set_field("clip_mode", _enum(ClipMode, self.clip_mode, "clip_mode"))
+    set_field("client_dp", _enum(DPMode, self.client_dp, "client_dp"))
+    set_field("client_sizes", tuple(self.client_sizes))  # Hashable, from JSON lists too.
     n = _integer(self.num_clients, "num_clients")
     if n < 1:
       raise UsageError(f"--num_clients={n} must be at least 1: pass the number of clients")
@@ -176,10 +195,82 @@ class DPSpec:
       set_field("noise_multiplier", 0.0)
       return
     self._validate_clipping()
+    self._validate_example_level()
     if self.sampling is Sampling.ALL and m != n:
       raise UsageError(
           f"--sampling=all means every client every round, but --clients_per_round={m} != "
           f"--num_clients={n}: set them equal or use --sampling=poisson or --sampling=fixed")
+
+  def _validate_example_level(self) -> None:
+    """DP-SGD inside the clients: batch, epochs, client sizes, the server layer."""
+    set_field = lambda name, value: object.__setattr__(self, name, value)
+    if self.mode is not DPMode.EXAMPLE:
+      if self.client_dp is not DPMode.NONE:
+        raise UsageError(f"--client_dp={self.client_dp.value} adds a client-level layer to "
+                         "--dp_mode=example only: drop it, or use --dp_mode=example")
+      return
+    if self.clip_mode is ClipMode.ADAPTIVE:
+      raise UsageError(
+          "adaptive clipping is not supported with --dp_mode=example: a per-example clip "
+          "norm estimated from the data would need its own private query; use "
+          "--clip_mode=fixed with --clip (per-example L2 clip norm)")
+    b = _integer(self.batch_size, "client_batch_size")
+    if b < 1:
+      raise UsageError(f"--client_batch_size={b} must be at least 1")
+    e = _integer(self.local_epochs, "client_epochs")
+    if e < 1:
+      raise UsageError(f"--client_epochs={e} must be at least 1")
+    set_field("batch_size", b)
+    set_field("local_epochs", e)
+    sizes = tuple(_integer(k, "client size") for k in self.client_sizes)
+    if sizes:
+      if len(sizes) != self.num_clients:
+        raise ValueError(f"{len(sizes)} client sizes for {self.num_clients} clients")
+      if min(sizes) < 1:
+        raise UsageError("a client has no examples: every client needs at least one")
+      if b > min(sizes):
+        raise UsageError(
+            f"--client_batch_size={b} is larger than the smallest client ({min(sizes)} "
+            f"examples): Poisson sampling joins each example with probability B / n_k, "
+            f"which must be <= 1; use --client_batch_size <= {min(sizes)} or fewer clients")
+    set_field("client_sizes", sizes)
+    if self.client_dp not in (DPMode.NONE, DPMode.CENTRAL):
+      raise UsageError(f"--client_dp={self.client_dp.value} is not available: use none or "
+                       "central (the server clips and noises each client's update)")
+    server = {"--server_noise_multiplier": self.server_noise_multiplier,
+              "--server_clip": self.server_clip}
+    if self.client_dp is DPMode.NONE:
+      given = [k for k, v in server.items() if v is not None]
+      if given:
+        raise UsageError(f"{', '.join(given)} only apply with --client_dp=central: drop "
+                         "them or add --client_dp=central")
+      return
+    missing = [k for k, v in server.items() if v is None]
+    if missing:
+      raise UsageError(f"--client_dp=central needs {' and '.join(missing)} (the client-level "
+                       "noise multiplier and the clip norm of each client's update)")
+    z = _finite(self.server_noise_multiplier, "server_noise_multiplier")
+    if not 0 <= z < FLOAT32_MAX:
+      raise UsageError(f"--server_noise_multiplier={z:g} must be >= 0 and fit a float32")
+    clip = _finite(self.server_clip, "server_clip")
+    if not _FLOAT32_TINY <= clip < FLOAT32_MAX:
+      raise UsageError(f"--server_clip={clip:g} must be a positive float32: e.g. 1.0")
+    set_field("server_noise_multiplier", z)
+    set_field("server_clip", clip)
+
+  def local_steps(self, client_size: int) -> int:
+    """Example mode: DP-SGD steps per round of a client with `client_size` examples."""
+    return -(-self.local_epochs * client_size // self.batch_size)
+
+  def client_level_spec(self) -> Optional["DPSpec"]:
+    """Example mode with --client_dp=central: the server layer as a central-DP spec."""
+    if self.mode is not DPMode.EXAMPLE or self.client_dp is DPMode.NONE:
+      return None
+    return DPSpec(mode=DPMode.CENTRAL, noise_multiplier=self.server_noise_multiplier,
+                  num_clients=self.num_clients, clients_per_round=self.clients_per_round,
+                  sampling=self.sampling, accountant=self.accountant,
+                  clip_mode=ClipMode.FIXED, clip=self.server_clip,
+                  reproducible_sampling=self.reproducible_sampling)
 
   def _validate_clipping(self) -> None:
     clip = _finite(self.clip, "clip")
@@ -243,6 +334,7 @@ class DPSpec:
     """Flat, JSON-ready fields under their flag names (dp_mode, not mode)."""
     out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     out = {k: v.value if isinstance(v, enum.Enum) else v for k, v in out.items()}
+    out["client_sizes"] = list(out["client_sizes"])
     out["dp_mode"] = out.pop("mode")
     return out
 

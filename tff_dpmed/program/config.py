@@ -120,7 +120,16 @@ class RunConfig:
     run_fields = {k: v for k, v in flat.items() if k in names}
     defaults = _default_dp().to_json()
     mode = DPMode(spec_fields.get("dp_mode", defaults["dp_mode"]))
-    spec_fields["noise_seed"] = run_fields.get("seed") if mode is DPMode.LOCAL else None
+    # Client-side noise (local, example) is seeded by --seed; the server's never is.
+    spec_fields["noise_seed"] = (run_fields.get("seed")
+                                 if mode in (DPMode.LOCAL, DPMode.EXAMPLE) else None)
+    if mode is DPMode.EXAMPLE:
+      # DP-SGD's expected batch and step count are the local training settings.
+      spec_fields["batch_size"] = run_fields.get("client_batch_size", cls.client_batch_size)
+      spec_fields["local_epochs"] = run_fields.get("client_epochs", cls.client_epochs)
+    else:
+      for name in ("batch_size", "local_epochs", "client_sizes"):
+        spec_fields.pop(name, None)
     return cls(dp=DPSpec.from_json({**defaults, **spec_fields}), **run_fields)
 
   def replace(self, **changes) -> "RunConfig":

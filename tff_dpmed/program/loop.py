@@ -171,6 +171,7 @@ def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
         state.sampler = parts.sampler.get_state()
         if parts.mechanism.states_guarantee:
           row["epsilon"] = parts.ledger.epsilon()
+          row["client_epsilon"] = parts.ledger.client_level_epsilon()
         if new_best:
           state.best_round, state.best_val_auc, state.best_weights = new_best
         parts.metrics_log.write(row)
@@ -263,7 +264,7 @@ def flat_weights(weights) -> list:
 def _postfix(row: dict) -> dict:
   out = {}
   for key, short in (("train_loss", "loss"), ("train_accuracy", "acc"), ("val_auc", "val_auc"),
-                     ("epsilon", "eps")):
+                     ("epsilon", "eps"), ("client_epsilon", "client_eps")):
     if isinstance(row.get(key), float) and math.isfinite(row[key]):
       out[short] = f"{row[key]:.3f}"
   return out

@@ -12,7 +12,7 @@ from tff_dpmed import files
 from tff_dpmed.errors import UsageError
 
 COLUMNS = ("round", "clients", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-           "val_auc", "clip_norm", "round_seconds", "epsilon", "delta")
+           "val_auc", "clip_norm", "round_seconds", "epsilon", "delta", "client_epsilon")
 
 
 class MetricsLog:

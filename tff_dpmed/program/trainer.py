@@ -7,6 +7,7 @@ the data are the ones its ledger accounts for, owns the TFF runtime, runs the
 round loop (`loop.run_rounds`), and writes summary.json and the SavedModel.
 """
 
+import collections
 import dataclasses
 import os
 import signal
@@ -77,6 +78,11 @@ def prepare(cfg: RunConfig) -> PreparedRun:
                                                    cfg.dirichlet_alpha, seed)
   notes = []
   spec = cfg.dp
+  if spec.mode is DPMode.EXAMPLE:
+    _check_example_level(cfg)
+    # The hospitals' sizes fix each one's sampling rate and step count.
+    spec = dataclasses.replace(spec, client_sizes=tuple(len(p) for p in partitions))
+    cfg = dataclasses.replace(cfg, dp=spec)
   if spec.mode is not DPMode.NONE:
     accounting.check_accountant(spec)
     if cfg.target_epsilon is not None:
@@ -94,6 +100,17 @@ def prepare(cfg: RunConfig) -> PreparedRun:
                  f"sampling={spec.sampling.value}")
   budget = BudgetLedger(cfg.budget_ledger) if cfg.budget_ledger else None
   return PreparedRun(cfg, splits, partitions, mechanisms.for_spec(spec), notes, budget)
+
+
+def _check_example_level(cfg: RunConfig) -> None:
+  """What example-level DP cannot do (yet), before anything is written."""
+  if cfg.debug_metrics:
+    raise UsageError("--debug_metrics is not available with --dp_mode=example: the DP-SGD "
+                     "client work releases nothing but its noised update; drop the flag")
+  if cfg.budget_ledger:
+    raise UsageError("--budget_ledger does not compose example-level runs yet (their epsilon "
+                     "is a maximum over client sizes, not one event): drop it and add the "
+                     "runs' epsilons up by hand (basic composition)")
 
 
 def _check_runtime(cfg: RunConfig) -> None:
@@ -168,10 +185,14 @@ def _initial_weights(cfg: RunConfig, info) -> tff.learning.models.ModelWeights:
 def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start_time: float,
                         show_progress: bool, hooks: loop.RoundHooks) -> dict:
   cfg, splits, info, mechanism = run.config, run.splits, run.splits.info, run.mechanism
-  federated_data = client_data_lib.make_federated_train_data(
-      splits.train_images, splits.train_labels, run.partitions, info,
-      batch_size=cfg.client_batch_size, epochs=cfg.client_epochs,
-      seed=0 if cfg.seed is None else cfg.seed)
+  if mechanism.samples_batches_itself:
+    federated_data = client_data_lib.make_whole_client_data(
+        splits.train_images, splits.train_labels, run.partitions, info)
+  else:
+    federated_data = client_data_lib.make_federated_train_data(
+        splits.train_images, splits.train_labels, run.partitions, info,
+        batch_size=cfg.client_batch_size, epochs=cfg.client_epochs,
+        seed=0 if cfg.seed is None else cfg.seed)
   process, release_client_metrics = build_process(run, federated_data)
   for key, value in mechanism.noise_choices().items():
     _log(f"note: {key}={value}")
@@ -211,15 +232,19 @@ def build_process(run: PreparedRun, federated_data):
   """The learning process with the clients' data composed in, and whether it
   releases per-client train metrics (only without DP, or with --debug_metrics)."""
   cfg, info, mechanism = run.config, run.splits.info, run.mechanism
-  tff_model = process_lib.make_functional_model(cfg.model, info,
-                                                federated_data.element_type_structure, cfg.seed)
+  element_type = federated_data.element_type_structure
+  if mechanism.samples_batches_itself:
+    element_type = client_data_lib.any_client_size(element_type)
+  # The model sees (x, y) batches; DP-SGD's client element also carries the client id.
+  input_spec = collections.OrderedDict(x=element_type["x"], y=element_type["y"])
+  tff_model = process_lib.make_functional_model(cfg.model, info, input_spec, cfg.seed)
   # Per-client train metrics are plain sums outside any DP mechanism: in DP
   # modes they are not released unless --debug_metrics asks for them.
   release_client_metrics = not mechanism.states_guarantee or cfg.debug_metrics
   process = process_lib.build_learning_process(
       tff_model, mechanism, process_lib.OptimizerConfig(
           cfg.client_learning_rate, cfg.server_learning_rate, cfg.server_momentum),
-      release_client_metrics=release_client_metrics)
+      release_client_metrics=release_client_metrics, client_element_type=element_type)
   # Clients build their datasets on the worker from their id, so no dataset
   # graph is serialised per client per round.
   process = tff.simulation.compose_dataset_computation_with_learning_process(
@@ -319,4 +344,17 @@ def _privacy_summary(mechanism: mechanisms.Mechanism, ledger: PrivacyLedger) -> 
           "privacy_unit": mechanism.privacy_unit,
           "clipped_count_stddev": spec.count_stddev if spec.adaptive else None,
           "amplified_by_sampling": mechanism.amplified,
-          "rounds_accounted": ledger.rounds}
+          "rounds_accounted": ledger.rounds} | _client_level_summary(mechanism, ledger)
+
+
+def _client_level_summary(mechanism: mechanisms.Mechanism, ledger: PrivacyLedger) -> dict:
+  """The second guarantee of example-level runs with --client_dp=central."""
+  inner = mechanism.client_level()
+  if inner is None:
+    return {}
+  return {"client_level": {
+      "epsilon": ledger.client_level_epsilon(), "delta": ledger.client_level_delta,
+      "privacy_unit": inner.privacy_unit, "noise_multiplier": inner.spec.noise_multiplier,
+      "clip": inner.spec.clip, "sampling": inner.spec.sampling.value,
+      "accountant": accounting.resolve_accountant(inner.spec),
+      "amplified_by_sampling": inner.amplified}}
