@@ -19,6 +19,7 @@ from tff_dpmed import files
 # inside main, Keras fails to build functional models (Flatten sees None).
 from tff_dpmed.privacy.spec import Accountant, ClipMode, DPMode, Sampling, choices
 from tff_dpmed.program import trainer
+from tff_dpmed.program import config as config_lib
 from tff_dpmed.program.config import EXECUTORS, PARTITIONS, RunConfig, default
 
 
@@ -147,6 +148,7 @@ def config_from_flags() -> RunConfig:
   flat = {name: FLAGS[name].value for name in names}
   flat.update(image_size=int(FLAGS.image_size),
               reproducible_sampling=FLAGS.insecure_reproducible_sampling)
+  config_lib.check_noise_flags(flat)
   return RunConfig.from_json(flat)
 
 

@@ -101,3 +101,29 @@ def test_pld_reaches_a_target_that_rdp_cannot():
   z = calibration.calibrate_noise_multiplier(setting, 2, 0.001)
   eps = accounting.epsilon_for_rounds(dataclasses.replace(setting, noise_multiplier=z), 2)
   assert 0.98 * 0.001 <= eps <= 0.001
+
+
+@pytest.mark.parametrize("flat", [
+    dict(dp_mode="central", num_clients=100, clients_per_round=20, rounds=30),
+    dict(dp_mode="example", clip_mode="fixed", clip=1.0, num_clients=10,
+         clients_per_round=10, sampling="all", rounds=5, client_batch_size=64),
+])
+def test_training_calibrates_to_a_target_epsilon(data_dir, tmp_path, flat):
+  # A calibrated config carries both the target and the noise it found.
+  from tff_dpmed.program import trainer
+  from tff_dpmed.program.config import RunConfig
+  cfg = RunConfig.from_json(dict(flat, target_epsilon=3.0, data_dir=str(data_dir),
+                                 download=False, output_dir=str(tmp_path)))
+  run = trainer.prepare(cfg)
+  spec = run.config.dp
+  assert spec.noise_multiplier > 0 and run.config.target_epsilon == 3.0
+  eps = accounting.epsilon_for_rounds(spec, flat["rounds"])
+  assert (1 - calibration.TOLERANCE) * 3.0 <= eps <= 3.0
+  if flat["dp_mode"] == "example":
+    assert sum(spec.client_sizes) == len(run.splits.train_labels)
+
+
+def test_both_noise_flags_are_refused():
+  from tff_dpmed.program import config
+  with pytest.raises(UsageError, match="alternatives"):
+    config.check_noise_flags({"noise_multiplier": 1.0, "target_epsilon": 3.0})

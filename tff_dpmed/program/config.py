@@ -167,8 +167,8 @@ class RunConfig:
         if getattr(self, name) is not None:
           raise UsageError(f"--{name} has no meaning with --dp_mode=none: drop it or pick a DP mode")
       return
-    if self.dp.noise_multiplier is not None and self.target_epsilon is not None:
-      raise UsageError("--noise_multiplier and --target_epsilon are alternatives: give only one")
+    # Both set is a calibrated config (`trainer.prepare`); `check_noise_flags` refuses
+    # a user giving both.
     if self.dp.noise_multiplier is None and self.target_epsilon is None:
       raise UsageError(f"--dp_mode={self.dp.mode.value} needs --noise_multiplier or "
                        "--target_epsilon")
@@ -210,6 +210,12 @@ class RunConfig:
       _check_address(address)
     if len(set(addresses)) != len(addresses):
       raise UsageError(f"--workers={self.workers} names a worker twice: list each once")
+
+
+def check_noise_flags(flat: dict) -> None:
+  """Refuses flags that give both --noise_multiplier and --target_epsilon."""
+  if flat.get("noise_multiplier") is not None and flat.get("target_epsilon") is not None:
+    raise UsageError("--noise_multiplier and --target_epsilon are alternatives: give only one")
 
 
 def default(name: str) -> Any:
