@@ -131,6 +131,39 @@ def test_two_round_run_writes_every_output(mode_flags, data_dir, tmp_path):
   assert (run_dir / "saved_model" / "models.config").exists()
 
 
+def test_example_level_run_reports_both_guarantees(data_dir, tmp_path):
+  # DP-SGD in the clients (patient level) and the server's client-level layer.
+  from tff_dpmed.privacy import accounting
+  from tff_dpmed.privacy.spec import DPSpec
+  run_dir = tmp_path / "run"
+  proc = _run(_train_cmd(data_dir, tmp_path, "run", "--rounds=2", "--dp_mode=example",
+                         "--clip_mode=fixed", "--clip=1.0", "--noise_multiplier=1.5",
+                         "--client_learning_rate=0.5", "--client_dp=central",
+                         "--server_noise_multiplier=1.0", "--server_clip=0.5"))
+  summary = _summary(run_dir)
+  privacy = summary["privacy"]
+  assert privacy["privacy_unit"] == "example" and privacy["dp_mode"] == "example"
+  sizes = summary["config"]["client_sizes"]
+  assert len(sizes) == 6 and sum(sizes) == 546  # BreastMNIST train, split over 6 hospitals.
+  spec = DPSpec(mode="example", noise_multiplier=1.5, num_clients=6, clients_per_round=3,
+                clip_mode="fixed", clip=1.0, batch_size=32, client_sizes=tuple(sizes),
+                client_dp="central", server_noise_multiplier=1.0, server_clip=0.5)
+  assert privacy["epsilon"] == pytest.approx(accounting.epsilon_for_rounds(spec, 2), rel=1e-9)
+  client = privacy["client_level"]
+  assert client["privacy_unit"] == "client" and client["clip"] == 0.5
+  assert client["epsilon"] == pytest.approx(
+      accounting.epsilon_for_rounds(spec.client_level_spec(), 2), rel=1e-9)
+  rows = _rows(run_dir)
+  assert float(rows[-1]["epsilon"]) == pytest.approx(privacy["epsilon"])
+  assert float(rows[-1]["client_epsilon"]) == pytest.approx(client["epsilon"])
+  for column in ("train_loss", "train_accuracy", "clients", "round_seconds"):
+    assert {r[column] for r in rows} == {""}, column
+  assert "client-level (server) epsilon" in proc.stdout
+  assert _strict_json(proc.stdout.strip().splitlines()[-1])["privacy_unit"] == "example"
+  # No seed leaves the run in the export (the noise would be predictable).
+  assert (run_dir / "saved_model" / "cnn" / "1" / "saved_model.pb").exists()
+
+
 def _wait_for_rows(run_dir, n, proc, timeout_s=300):
   deadline = time.monotonic() + timeout_s
   while time.monotonic() < deadline:
@@ -285,12 +318,13 @@ def test_resume_refuses_other_privacy_settings_or_data(data_dir, tmp_path):
   assert "other data" in message and "--restart" in message
 
 
-def test_rounds_rerun_after_a_crash_are_accounted(data_dir, tmp_path):
+@pytest.mark.parametrize("dp_mode", ["central", "example"])
+def test_rounds_rerun_after_a_crash_are_accounted(data_dir, tmp_path, dp_mode):
   # Every round executed counts, including those after the last checkpoint that a
   # resumed run executes again with fresh noise.
   from tff_dpmed.privacy import accounting
   from tff_dpmed.privacy.spec import DPSpec
-  flags = ["--rounds=4", "--rounds_per_checkpoint=2", "--dp_mode=central",
+  flags = ["--rounds=4", "--rounds_per_checkpoint=2", f"--dp_mode={dp_mode}",
            "--noise_multiplier=2.0", "--clip_mode=fixed", "--clip=1.0", "--sampling=all",
            "--clients_per_round=6"]
   cmd = _train_cmd(data_dir, tmp_path, "run", *flags)
@@ -310,8 +344,10 @@ def test_rounds_rerun_after_a_crash_are_accounted(data_dir, tmp_path):
   summary = _summary(run_dir)
   accounted = executed + (4 - 2)  # Rounds 3 and 4 run again from the round-2 checkpoint.
   assert summary["privacy"]["rounds_accounted"] == accounted
-  spec = DPSpec(mode="central", noise_multiplier=2.0, num_clients=6, clients_per_round=6,
-                sampling="all", clip_mode="fixed", clip=1.0)
+  example = dict(batch_size=32, client_sizes=tuple(summary["config"]["client_sizes"]))
+  spec = DPSpec(mode=dp_mode, noise_multiplier=2.0, num_clients=6, clients_per_round=6,
+                sampling="all", clip_mode="fixed", clip=1.0,
+                **(example if dp_mode == "example" else {}))
   assert summary["privacy"]["epsilon"] == pytest.approx(
       accounting.epsilon_for_rounds(spec, accounted), rel=1e-9)
   assert float(_rows(run_dir)[-1]["epsilon"]) == pytest.approx(summary["privacy"]["epsilon"])
