@@ -28,7 +28,16 @@ from tff_dpmed.privacy.spec import Accountant, ClipMode, DPMode, DPSpec, Samplin
 _DP_MODE = flags.DEFINE_enum(
     "dp_mode", "central", choices(DPMode),
     "central: the server noises the sum of clipped updates; local: each client "
-    "noises its own update; none: no privacy.")
+    "noises its own update; example: DP-SGD inside each client (per-example "
+    "privacy); none: no privacy.")
+_CLIENT_EXAMPLES = flags.DEFINE_string(
+    "client_examples", None,
+    "--dp_mode=example: examples per client, one number for all clients or a "
+    "comma-separated list (one per client). The smallest client is the worst off.")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", None, "--dp_mode=example: the expected local batch B (sampling rate B / n_k).")
+_LOCAL_EPOCHS = flags.DEFINE_integer(
+    "local_epochs", 1, "--dp_mode=example: local epochs per round (ceil(E n_k / B) steps).")
 _NOISE_MULTIPLIER = flags.DEFINE_float(
     "noise_multiplier", None,
     "Noise stddev / clip norm (with adaptive clipping: TFF's total effective "
@@ -84,6 +93,29 @@ def _print_budget(path: str) -> None:
                      "privacy_unit": "client"}))
 
 
+def _example_fields(mode: DPMode, num_clients: int) -> dict:
+  """DP-SGD's batch, epochs and client sizes, only for --dp_mode=example."""
+  given = [f"--{f.name}" for f in (_CLIENT_EXAMPLES, _BATCH_SIZE) if f.value is not None]
+  if mode is not DPMode.EXAMPLE:
+    if given:
+      raise UsageError(f"{', '.join(given)} only apply to --dp_mode=example: drop them")
+    return {}
+  text = _required(_CLIENT_EXAMPLES, "470")
+  try:
+    sizes = [int(v) for v in text.split(",")]
+  except ValueError:
+    raise UsageError(f"--client_examples={text} is not a number or a comma-separated list "
+                     "of numbers: e.g. 470 or 470,471,470") from None
+  if len(sizes) == 1:
+    sizes = sizes * num_clients
+  if len(sizes) != num_clients:
+    raise UsageError(f"--client_examples lists {len(sizes)} clients but --num_clients="
+                     f"{num_clients}: give one number per client, or one for all")
+  # The clip mode is irrelevant to the accounting here; DP-SGD clips fixed.
+  return dict(batch_size=_required(_BATCH_SIZE, "64"), local_epochs=_LOCAL_EPOCHS.value,
+              client_sizes=tuple(sizes), clip_mode="fixed")
+
+
 def _required(flag, example: str):
   if flag.value is None:
     raise UsageError(f"--{flag.name} is required: pass e.g. --{flag.name}={example}")
@@ -120,10 +152,11 @@ def main(argv: list[str]) -> None:
     if cohort_used:
       _required(_CLIENTS_PER_ROUND, "120")
     cohort = num_clients
-  spec = DPSpec(mode=mode, noise_multiplier=z, num_clients=num_clients,
-                clients_per_round=cohort, sampling=sampling, delta=_DELTA.value,
-                accountant=_ACCOUNTANT.value, clip_mode=_CLIP_MODE.value,
-                clipped_count_stddev=_CLIPPED_COUNT_STDDEV.value)
+  spec = DPSpec(**{"mode": mode, "noise_multiplier": z, "num_clients": num_clients,
+                   "clients_per_round": cohort, "sampling": sampling, "delta": _DELTA.value,
+                   "accountant": _ACCOUNTANT.value, "clip_mode": _CLIP_MODE.value,
+                   "clipped_count_stddev": _CLIPPED_COUNT_STDDEV.value,
+                   **_example_fields(mode, num_clients)})
   accounting.check_accountant(spec)
   if target is not None:
     spec = calibration.calibrate(spec, rounds, target)
@@ -138,14 +171,16 @@ def main(argv: list[str]) -> None:
   if _DELTA.value is not None:
     print(f"delta: {delta:g} (from --delta)")
   else:
-    print(f"delta: {delta:g} (default for {num_clients} clients: min(1e-5, "
-          "10^-(ceil(log10 N) + 1)), well below 1/N so no client's data may leak outright)")
+    units = (f"{sum(spec.client_sizes)} examples" if mode is DPMode.EXAMPLE
+             else f"{num_clients} clients")
+    print(f"delta: {delta:g} (default for {units}: min(1e-5, 10^-(ceil(log10 N) + 1)), "
+          "well below 1/N so no unit's data may leak outright)")
   if delta >= 1 / num_clients:
     print(f"note: delta={delta:g} >= 1/num_clients = {1 / num_clients:.3g}: such a delta "
           "allows publishing a whole client's data; use a smaller --delta")
   if not cohort_used and _CLIENTS_PER_ROUND.value is not None and private:
     print("note: --clients_per_round does not change epsilon here "
-          f"({'local DP' if not mechanism.amplified_by_sampling else 'sampling=all'})")
+          f"({'local DP' if not mechanism.amplified_by_sampling else 'example-level DP' if mode is DPMode.EXAMPLE else 'sampling=all'})")
   if mechanism.tracks_participation():
     print(f"local DP worst case: a client in all {rounds} rounds, "
           f"{rounds} x Gaussian({z / 2:g}); never less than the true worst client")
@@ -178,6 +213,11 @@ def main(argv: list[str]) -> None:
     result.update(value_noise_multiplier=z_v, clipped_count_stddev=s)
   if mechanism.tracks_participation():
     result["worst_case_participations"] = rounds
+  if mode is DPMode.EXAMPLE:
+    smallest = min(spec.client_sizes)
+    result.update(batch_size=spec.batch_size, local_epochs=spec.local_epochs,
+                  smallest_client=smallest, steps_per_round=spec.local_steps(smallest),
+                  sampling_rate=spec.batch_size / smallest)
   print(json.dumps(result, allow_nan=False))
 
 

@@ -165,6 +165,12 @@ class DPSpec:
                        "cohort size between 1 and the number of clients")
     set_field("num_clients", n)
     set_field("clients_per_round", m)
+    if self.delta is None and self.mode is DPMode.EXAMPLE:
+      if not self.client_sizes:
+        # The unit is an example: delta waits for the data's size (`client_sizes`).
+        self._validate_example_level()
+        return
+      set_field("delta", default_delta(sum(self.client_sizes)))
     if self.delta is None:
       set_field("delta", default_delta(n))
     d = _finite(self.delta, "delta")
@@ -230,9 +236,10 @@ class DPSpec:
         raise UsageError("a client has no examples: every client needs at least one")
       if b > min(sizes):
         raise UsageError(
-            f"--client_batch_size={b} is larger than the smallest client ({min(sizes)} "
+            f"the batch size {b} is larger than the smallest client ({min(sizes)} "
             f"examples): Poisson sampling joins each example with probability B / n_k, "
-            f"which must be <= 1; use --client_batch_size <= {min(sizes)} or fewer clients")
+            f"which must be <= 1; use a batch size (--client_batch_size) <= {min(sizes)} "
+            "or fewer clients")
     set_field("client_sizes", sizes)
     if self.client_dp not in (DPMode.NONE, DPMode.CENTRAL):
       raise UsageError(f"--client_dp={self.client_dp.value} is not available: use none or "

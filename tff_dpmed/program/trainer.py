@@ -32,7 +32,7 @@ from tff_dpmed.privacy import calibration
 from tff_dpmed.privacy import mechanisms
 from tff_dpmed.privacy.budget import BudgetLedger
 from tff_dpmed.privacy.ledger import PrivacyLedger
-from tff_dpmed.privacy.spec import DPMode
+from tff_dpmed.privacy.spec import DPMode, default_delta
 from tff_dpmed.program import artifacts
 from tff_dpmed.program import evaluation
 from tff_dpmed.program import loop
@@ -90,12 +90,14 @@ def prepare(cfg: RunConfig) -> PreparedRun:
       notes.append(f"noise_multiplier={spec.noise_multiplier:.4f}: the smallest that keeps "
                    f"epsilon <= {cfg.target_epsilon:g} after {cfg.rounds} rounds")
       cfg = dataclasses.replace(cfg, dp=spec)
+    unit = mechanisms.for_spec(spec).privacy_unit
+    units = sum(spec.client_sizes) if unit == "example" else spec.num_clients
     notes.append(f"delta={spec.delta:g}" + (
-        " (default: below 1/N for N={} clients, the privacy unit)".format(spec.num_clients)
-        if cfg.to_json().get("delta") == spec.delta else ""))
-    if spec.delta >= 1 / spec.num_clients:
-      _log(f"warning: --delta={spec.delta:g} >= 1/num_clients = {1 / spec.num_clients:.3g}: "
-           "such a delta allows publishing a whole client's data; use a smaller --delta")
+        f" (default: below 1/N for N={units} {unit}s, the privacy unit)"
+        if spec.delta == default_delta(units) else ""))
+    if spec.delta >= 1 / units:
+      _log(f"warning: --delta={spec.delta:g} >= 1/{units} {unit}s: such a delta allows "
+           f"publishing a whole {unit}'s data; use a smaller --delta")
     notes.append(f"accountant={accounting.resolve_accountant(spec)}, "
                  f"sampling={spec.sampling.value}")
   budget = BudgetLedger(cfg.budget_ledger) if cfg.budget_ledger else None
