@@ -11,6 +11,7 @@ from tff_dpmed.models import cnn, resnet
 _BUILDERS: dict[str, Callable[..., tf.keras.Model]] = {
     "cnn": cnn.build_small_cnn,
     "gap_cnn": cnn.build_gap_cnn,
+    "gap_cnn_gn": cnn.build_gap_cnn_gn,
     "resnet18": resnet.build_resnet18,
 }
 MODEL_NAMES = tuple(_BUILDERS)
