@@ -159,7 +159,7 @@ def train(run: PreparedRun, show_progress: bool = True,
 def _initial_weights(cfg: RunConfig, info) -> tff.learning.models.ModelWeights:
   # Seeded initial weights, taken before TFF builds anything (see _eager_model).
   initial = tff.learning.models.ModelWeights.from_model(
-      models.build_model(cfg.model, info, seed=cfg.seed))
+      models.build_trainable(cfg.model, info, seed=cfg.seed))
   return tff.learning.models.ModelWeights(
       trainable=[np.asarray(w) for w in initial.trainable],
       non_trainable=[np.asarray(w) for w in initial.non_trainable])
@@ -169,7 +169,7 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
                         show_progress: bool, hooks: loop.RoundHooks) -> dict:
   cfg, splits, info, mechanism = run.config, run.splits, run.splits.info, run.mechanism
   federated_data = client_data_lib.make_federated_train_data(
-      splits.train_images, splits.train_labels, run.partitions, info,
+      _train_inputs(cfg, splits), splits.train_labels, run.partitions, info,
       batch_size=cfg.client_batch_size, epochs=cfg.client_epochs,
       seed=0 if cfg.seed is None else cfg.seed)
   process, release_client_metrics = build_process(run, federated_data)
@@ -201,6 +201,19 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
   return _finish(run, process, state, ledger, time.time() - start_time)
 
 
+def _train_inputs(cfg: RunConfig, splits: ImageSplits) -> np.ndarray:
+  """The train images, or for a model with a fixed feature stage their features,
+  computed once here: the stage looks at no data, so it costs no privacy."""
+  stage = models.feature_stage(cfg.model, splits.info)
+  if stage is None:
+    return splits.train_images
+  start = time.time()
+  features = stage.transform(splits.train_images)
+  _log(f"note: {cfg.model}: features {features.shape[1:]} of {len(features)} train images "
+       f"computed in {time.time() - start:.1f} s")
+  return features
+
+
 def make_sampler(cfg: RunConfig) -> ClientSampler:
   """Client sampling as the accountant assumes it, seeded only where that protects nothing."""
   return ClientSampler(cfg.num_clients, cfg.clients_per_round, cfg.dp.sampling.value,
@@ -212,7 +225,8 @@ def build_process(run: PreparedRun, federated_data):
   releases per-client train metrics (only without DP, or with --debug_metrics)."""
   cfg, info, mechanism = run.config, run.splits.info, run.mechanism
   tff_model = process_lib.make_functional_model(cfg.model, info,
-                                                federated_data.element_type_structure, cfg.seed)
+                                                federated_data.element_type_structure, cfg.seed,
+                                                keras_builder=models.build_trainable)
   # Per-client train metrics are plain sums outside any DP mechanism: in DP
   # modes they are not released unless --debug_metrics asks for them.
   release_client_metrics = not mechanism.states_guarantee or cfg.debug_metrics
