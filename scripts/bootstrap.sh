@@ -24,7 +24,7 @@ echo "== setting up .venv with the locked set (first time takes a few minutes)"
 # pip must not re-resolve; the lock is the complete, checked set (BUILD_NOTES.md).
 .venv/bin/python -m pip install --quiet --no-deps -r requirements/lock.txt
 .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
-.venv/bin/python -c 'import tensorflow_federated, tensorflow_privacy, dp_accounting' 2>/dev/null \
+.venv/bin/python -c 'import tensorflow_federated, tensorflow_privacy, dp_accounting, kymatio' 2>/dev/null \
   || { echo "error: the installed set does not import; see BUILD_NOTES.md" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "== .venv ready"

@@ -48,7 +48,10 @@ flags.DEFINE_float("dirichlet_alpha", _D.dirichlet_alpha,
                    "Label-skew concentration for --partition=dirichlet; smaller is more skewed.")
 # Model and optimisation.
 flags.DEFINE_string("model", _D.model, "cnn (small, fast default), gap_cnn (global average pooling; "
-                    "generalises to shifted test data) or resnet18 (GroupNorm).")
+                    "generalises to shifted test data), gap_cnn_gn (gap_cnn with GroupNorm), "
+                    "resnet18 (GroupNorm), or scatter_linear / scatter_cnn (a linear model or "
+                    "small CNN trained on fixed wavelet scattering features, which DP training "
+                    "learns best from: Tramer & Boneh 2021).")
 flags.DEFINE_integer("rounds", _D.rounds, "Federated rounds.")
 flags.DEFINE_integer("clients_per_round", _D.clients_per_round,
                      "Expected clients per round (exact for --sampling=fixed).")

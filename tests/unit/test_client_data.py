@@ -179,6 +179,21 @@ def test_dataset_computation_runs_on_worker(tff_runtime):
     np.testing.assert_array_equal(got["y"], want["y"])
 
 
+def test_float32_features_are_used_as_they_are():
+  # A model's fixed feature stage (scatter_*) replaces the images; any shape.
+  _, labels, info = _small(n=10)
+  features = np.random.default_rng(0).normal(size=(10, 3, 3, 81)).astype(np.float32)
+  features[:, 0, 0, 0] = np.arange(10)  # Identifies the example in a batch.
+  cd = client_data.make_federated_train_data(features, labels, [np.arange(10)], info,
+                                             batch_size=4, seed=0)
+  assert cd.element_type_structure["x"] == tf.TensorSpec((None, 3, 3, 81), tf.float32)
+  batches = _batches(cd, "0")
+  ids = np.concatenate([b["x"][:, 0, 0, 0] for b in batches]).astype(int)
+  np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), features[ids])
+  np.testing.assert_array_equal(np.concatenate([b["y"] for b in batches]), labels[ids])
+  assert sorted(ids) == list(range(10))
+
+
 def test_eval_dataset():
   images, labels, info = _small(n=11)
   ds = client_data.make_eval_dataset(images, labels, info, batch_size=4)
@@ -202,7 +217,9 @@ def test_eval_dataset():
     ({"labels": np.full(10, 3, np.int64)}, r"labels span \[3, 3\]"),
     ({"labels": np.zeros(10, np.float32)}, "labels have dtype float32"),
     ({"images": np.zeros((10, 8, 8, 3), np.uint8)}, "dataset info"),
-    ({"images": np.zeros((10, 8, 8, 1), np.float32)}, "uint8"),
+    ({"images": np.zeros((10, 8, 8, 1), np.float64)}, "uint8"),
+    ({"images": np.zeros((10, 8, 8), np.float32)}, "float32 features"),
+    ({"images": np.full((10, 2, 2, 5), np.nan, np.float32)}, "non-finite"),
 ])
 def test_bad_arguments(kwargs, match):
   images, labels, info = _small(n=10)

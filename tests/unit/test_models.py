@@ -40,7 +40,8 @@ def test_same_seed_same_initial_weights(name):
 
 
 def test_unknown_model_names_the_choices():
-  with pytest.raises(UsageError, match="unknown model 'vgg99': use one of cnn, gap_cnn, resnet18"):
+  with pytest.raises(UsageError,
+                     match="unknown model 'vgg99': use one of cnn, gap_cnn, gap_cnn_gn, resnet18, scatter_linear, scatter_cnn"):
     models.build_model("vgg99", GREY_BINARY)
 
 

@@ -36,10 +36,18 @@ def preprocess_labels(labels, info: DatasetInfo) -> tf.Tensor:
 
 
 def _check_arrays(images: np.ndarray, labels: np.ndarray, info: DatasetInfo) -> None:
-  if images.dtype != np.uint8 or images.ndim != 4:
+  """Images are uint8 (N, H, W, C) of `info`'s shape, or float32 (N, h, w, c) features."""
+  if images.dtype not in (np.uint8, np.float32) or images.ndim != 4:
     raise UsageError(f"images have dtype {images.dtype} and shape {images.shape}, expected "
-                     "uint8 (N, H, W, C): load them with tff_dpmed.data")
-  if tuple(images.shape[1:]) != tuple(info.image_shape):
+                     "uint8 (N, H, W, C), or float32 features (N, h, w, c): load them with "
+                     "tff_dpmed.data, or compute features with tff_dpmed.models.feature_stage")
+  if images.dtype == np.float32:
+    # A feature's shape is the model's business (its input spec); NaNs would only
+    # surface rounds later, as a non-finite model.
+    if not np.isfinite(images).all():
+      raise UsageError("the features have non-finite values: compute them with "
+                       "tff_dpmed.models.feature_stage from the uint8 images")
+  elif tuple(images.shape[1:]) != tuple(info.image_shape):
     raise UsageError(f"images have shape {images.shape[1:]} per example but the dataset info "
                      f"says {tuple(info.image_shape)}: pass the info that came with the images")
   want = (len(images), info.num_classes) if info.multi_label else (len(images),)
@@ -134,7 +142,8 @@ def make_federated_train_data(images: np.ndarray, labels: np.ndarray,
 
   Client ids are "0", "1", ... in the order of `partitions`. Each element is
   `OrderedDict(x=float32 (B, H, W, C) in [0, 1], y=int32 (B,))`, with `y`
-  float32 `(B, K)` multi-hot for multi-label tasks.
+  float32 `(B, K)` multi-hot for multi-label tasks. Given float32 features
+  instead of uint8 images, `x` is the features as they are, `(B, h, w, c)`.
 
   Order of operations: shuffle -> repeat(epochs) -> batch(drop_remainder=False).
   So every epoch is a fresh permutation of the client's examples, a client
@@ -142,7 +151,10 @@ def make_federated_train_data(images: np.ndarray, labels: np.ndarray,
   may be short (a batch may straddle two epochs).
 
   Args:
-    images: uint8 `(N, H, W, C)` training images (e.g. `ImageSplits.train_images`).
+    images: uint8 `(N, H, W, C)` training images (e.g. `ImageSplits.train_images`),
+      normalised by `preprocess_images` per batch; or float32 `(N, h, w, c)`
+      features of them from a model's fixed feature stage
+      (`tff_dpmed.models.feature_stage`), used unchanged.
     labels: int `(N,)` labels, or `(N, K)` 0/1 for multi-label.
     partitions: one index array into `images` per client (see `partition`);
       they may overlap (e.g. bootstrap samples), but none may be empty.
@@ -166,6 +178,7 @@ def make_federated_train_data(images: np.ndarray, labels: np.ndarray,
   epochs = _check_positive("epochs", epochs)
   if shuffle_buffer is not None:
     shuffle_buffer = _check_positive("shuffle_buffer", shuffle_buffer)
+  are_features = images.dtype == np.float32
   flat, offsets = _flatten_partitions(partitions, len(images))
   shared = _SharedArrays(images=images, labels=labels, flat=flat, offsets=offsets)
   max_size = int(np.max(np.diff(offsets)))
@@ -190,8 +203,9 @@ def make_federated_train_data(images: np.ndarray, labels: np.ndarray,
     client_labels = tf.gather(labels_t, indices)
 
     def gather(positions):
+      x = tf.gather(client_images, positions)
       return collections.OrderedDict(
-          x=preprocess_images(tf.gather(client_images, positions)),
+          x=x if are_features else preprocess_images(x),
           y=preprocess_labels(tf.gather(client_labels, positions), info))
 
     # Shuffling positions 0..n-1 permutes exactly as shuffling the indices did.

@@ -2,7 +2,7 @@
 
 import collections
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -44,8 +44,13 @@ def metrics_constructor(info: DatasetInfo) -> collections.OrderedDict:
 
 
 def make_functional_model(model_name: str, info: DatasetInfo, input_spec,
-                          seed: Optional[int] = None) -> tff.learning.models.FunctionalModel:
+                          seed: Optional[int] = None,
+                          keras_builder: Callable[..., tf.keras.Model] = models.build_model
+                          ) -> tff.learning.models.FunctionalModel:
   """The Keras model as TFF pure functions of its weights.
+
+  `keras_builder` builds it (`models.build_model`'s signature): pass
+  `models.build_trainable` to train a scatter_* model's head on features.
 
   A functional model is built once, eagerly. A `VariableModel` (from_keras_model)
   would be rebuilt by TFF inside v1 graphs, and Keras then globally swaps its
@@ -54,7 +59,7 @@ def make_functional_model(model_name: str, info: DatasetInfo, input_spec,
   (no BatchNorm), which functional models require.
   """
   return tff.learning.models.functional_model_from_keras(
-      models.build_model(model_name, info, seed=seed),
+      keras_builder(model_name, info, seed=seed),
       loss_fn=models.loss_for(info),
       input_spec=input_spec,
       metrics_constructor=metrics_constructor(info))

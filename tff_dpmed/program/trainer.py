@@ -178,7 +178,7 @@ def train(run: PreparedRun, show_progress: bool = True,
 def _initial_weights(cfg: RunConfig, info) -> tff.learning.models.ModelWeights:
   # Seeded initial weights, taken before TFF builds anything (see _eager_model).
   initial = tff.learning.models.ModelWeights.from_model(
-      models.build_model(cfg.model, info, seed=cfg.seed))
+      models.build_trainable(cfg.model, info, seed=cfg.seed))
   return tff.learning.models.ModelWeights(
       trainable=[np.asarray(w) for w in initial.trainable],
       non_trainable=[np.asarray(w) for w in initial.non_trainable])
@@ -187,12 +187,13 @@ def _initial_weights(cfg: RunConfig, info) -> tff.learning.models.ModelWeights:
 def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start_time: float,
                         show_progress: bool, hooks: loop.RoundHooks) -> dict:
   cfg, splits, info, mechanism = run.config, run.splits, run.splits.info, run.mechanism
+  train_inputs = _train_inputs(cfg, splits)
   if mechanism.samples_batches_itself:
     federated_data = client_data_lib.make_whole_client_data(
-        splits.train_images, splits.train_labels, run.partitions, info)
+        train_inputs, splits.train_labels, run.partitions, info)
   else:
     federated_data = client_data_lib.make_federated_train_data(
-        splits.train_images, splits.train_labels, run.partitions, info,
+        train_inputs, splits.train_labels, run.partitions, info,
         batch_size=cfg.client_batch_size, epochs=cfg.client_epochs,
         seed=0 if cfg.seed is None else cfg.seed)
   process, release_client_metrics = build_process(run, federated_data)
@@ -224,6 +225,19 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
   return _finish(run, process, state, ledger, time.time() - start_time)
 
 
+def _train_inputs(cfg: RunConfig, splits: ImageSplits) -> np.ndarray:
+  """The train images, or for a model with a fixed feature stage their features,
+  computed once here: the stage looks at no data, so it costs no privacy."""
+  stage = models.feature_stage(cfg.model, splits.info)
+  if stage is None:
+    return splits.train_images
+  start = time.time()
+  features = stage.transform(splits.train_images)
+  _log(f"note: {cfg.model}: features {features.shape[1:]} of {len(features)} train images "
+       f"computed in {time.time() - start:.1f} s")
+  return features
+
+
 def make_sampler(cfg: RunConfig) -> ClientSampler:
   """Client sampling as the accountant assumes it, seeded only where that protects nothing."""
   return ClientSampler(cfg.num_clients, cfg.clients_per_round, cfg.dp.sampling.value,
@@ -239,7 +253,8 @@ def build_process(run: PreparedRun, federated_data):
     element_type = client_data_lib.any_client_size(element_type)
   # The model sees (x, y) batches; DP-SGD's client element also carries the client id.
   input_spec = collections.OrderedDict(x=element_type["x"], y=element_type["y"])
-  tff_model = process_lib.make_functional_model(cfg.model, info, input_spec, cfg.seed)
+  tff_model = process_lib.make_functional_model(cfg.model, info, input_spec, cfg.seed,
+                                                keras_builder=models.build_trainable)
   # Per-client train metrics are plain sums outside any DP mechanism: in DP
   # modes they are not released unless --debug_metrics asks for them.
   release_client_metrics = not mechanism.states_guarantee or cfg.debug_metrics
