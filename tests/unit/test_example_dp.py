@@ -156,7 +156,8 @@ def test_only_the_update_leaves_a_client(tff_runtime):
       model, element_type=ELEMENT, clip=1.0, noise_multiplier=1.0, batch_size=4,
       local_epochs=1, learning_rate=0.1)
   out = work.next(work.initialize(), [_weights(model)], [_client_dataset(8)])
-  assert not out.measurements  # No loss, accuracy, example count or batch sizes.
+  # No loss, accuracy, example count or batch sizes.
+  assert out.measurements == collections.OrderedDict(train=())
 
 
 # --- Accounting --------------------------------------------------------------

@@ -7,7 +7,6 @@ builds, one round on BreastMNIST clients, and the client sampler it uses.
 import numpy as np
 import pytest
 
-from tff_dpmed.data import client_data as client_data_lib
 from tff_dpmed.program import trainer
 from tff_dpmed.program.config import RunConfig
 
@@ -20,11 +19,7 @@ def _prepared(data_dir, **flat):
 
 
 def _one_round_metrics(run, clients):
-  cfg, splits = run.config, run.splits
-  federated_data = client_data_lib.make_federated_train_data(
-      splits.train_images, splits.train_labels, run.partitions, splits.info,
-      batch_size=cfg.client_batch_size, epochs=cfg.client_epochs, seed=0)
-  process, released = trainer.build_process(run, federated_data)
+  process, released = trainer.build_process(run, trainer.client_datasets(run))
   output = process.next(process.initialize(), [str(c) for c in clients])
   return output.metrics, released
 
@@ -40,7 +35,10 @@ def _leaves(tree):
 @pytest.mark.parametrize("dp_flags", [
     dict(dp_mode="local", noise_multiplier=1.0, clip_mode="fixed", clip=1.0),
     dict(dp_mode="central", noise_multiplier=1.0, clip_mode="adaptive"),
-], ids=["local", "central"])
+    dict(dp_mode="example", noise_multiplier=1.0, clip_mode="fixed", clip=1.0),
+    dict(dp_mode="example", noise_multiplier=1.0, clip_mode="fixed", clip=1.0,
+         client_dp="central", server_noise_multiplier=1.0, server_clip=1.0),
+], ids=["local", "central", "example", "example+central"])
 def test_dp_process_releases_no_per_client_count_or_loss(tff_runtime, data_dir, dp_flags):
   del tff_runtime
   run = _prepared(data_dir, **dp_flags)
@@ -81,5 +79,9 @@ def test_exported_config_of_a_dp_model_has_no_seed():
   from tff_dpmed.program import artifacts
   config = RunConfig.from_json({"seed": 5, "noise_multiplier": 1.0}).to_json()
   assert "seed" not in artifacts.exported_config(config)
+  example = RunConfig.from_json({"seed": 5, "noise_multiplier": 1.0, "dp_mode": "example",
+                                 "clip_mode": "fixed"}).to_json()
+  assert "seed" not in artifacts.exported_config(example)
+  assert "noise_seed" not in artifacts.exported_config(example)
   baseline = RunConfig.from_json({"seed": 5, "dp_mode": "none"}).to_json()
   assert artifacts.exported_config(baseline)["seed"] == 5

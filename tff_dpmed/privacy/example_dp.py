@@ -176,7 +176,7 @@ def build_dp_sgd_client_work(model: tff.learning.models.FunctionalModel, *, elem
       results = tff.federated_map(client_update, (weights, client_data))
       new_state = state
     # Nothing but the noised delta leaves a client: no train metrics.
-    measurements = tff.federated_value(collections.OrderedDict(), tff.SERVER)
+    measurements = tff.federated_value(collections.OrderedDict(train=()), tff.SERVER)
     return tff.templates.MeasuredProcessOutput(new_state, results, measurements)
 
   return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)

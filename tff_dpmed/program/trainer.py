@@ -187,15 +187,7 @@ def _initial_weights(cfg: RunConfig, info) -> tff.learning.models.ModelWeights:
 def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start_time: float,
                         show_progress: bool, hooks: loop.RoundHooks) -> dict:
   cfg, splits, info, mechanism = run.config, run.splits, run.splits.info, run.mechanism
-  train_inputs = _train_inputs(cfg, splits)
-  if mechanism.samples_batches_itself:
-    federated_data = client_data_lib.make_whole_client_data(
-        train_inputs, splits.train_labels, run.partitions, info)
-  else:
-    federated_data = client_data_lib.make_federated_train_data(
-        train_inputs, splits.train_labels, run.partitions, info,
-        batch_size=cfg.client_batch_size, epochs=cfg.client_epochs,
-        seed=0 if cfg.seed is None else cfg.seed)
+  federated_data = client_datasets(run)
   process, release_client_metrics = build_process(run, federated_data)
   for key, value in mechanism.noise_choices().items():
     _log(f"note: {key}={value}")
@@ -223,6 +215,20 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
   finally:
     parts.metrics_log.close()
   return _finish(run, process, state, ledger, time.time() - start_time)
+
+
+def client_datasets(run: PreparedRun):
+  """The clients' train data as the mechanism reads it: local batches, or (DP-SGD,
+  which samples its own batches) each client's examples whole."""
+  cfg, splits, info = run.config, run.splits, run.splits.info
+  train_inputs = _train_inputs(cfg, splits)
+  if run.mechanism.samples_batches_itself:
+    return client_data_lib.make_whole_client_data(
+        train_inputs, splits.train_labels, run.partitions, info)
+  return client_data_lib.make_federated_train_data(
+      train_inputs, splits.train_labels, run.partitions, info,
+      batch_size=cfg.client_batch_size, epochs=cfg.client_epochs,
+      seed=0 if cfg.seed is None else cfg.seed)
 
 
 def _train_inputs(cfg: RunConfig, splits: ImageSplits) -> np.ndarray:
