@@ -46,7 +46,10 @@ def evaluate(keras_model, info: DatasetInfo, images, labels) -> dict:
   loss_fn = models.loss_for(info)
   probs, loss_sum = [], 0.0
   for start in range(0, len(images), 512):
-    logits = keras_model(preprocess_images(images[start:start + 512]), training=False)
+    batch_inputs = images[start:start + 512]
+    # uint8 images are preprocessed; float32 features (a feature model's head) are not.
+    logits = keras_model(preprocess_images(batch_inputs) if batch_inputs.dtype == np.uint8
+                         else batch_inputs, training=False)
     batch = labels[start:start + 512]
     target = batch.astype(np.float32) if info.multi_label else batch
     loss_sum += float(loss_fn(target, logits)) * len(batch)

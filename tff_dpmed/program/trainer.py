@@ -199,11 +199,14 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
                             best_weights=list(initial.trainable) + list(initial.non_trainable))
   state, ledger = folder.restore(state, PrivacyLedger(mechanism.spec))
   sampler.set_state(state.sampler)
+  # A feature model's val features are computed once; each evaluation runs its head.
+  val_inputs = _model_inputs(cfg, info, splits.val_images, "val")
   parts = loop.LoopParts(
       process=process, sampler=sampler, ledger=ledger, mechanism=mechanism,
       checkpointer=folder.checkpointer, metrics_log=MetricsLog(cfg.run_dir, state.round),
-      evaluate=lambda weights: evaluation.evaluate(_eager_model(cfg, info, weights), info,
-                                                   splits.val_images, splits.val_labels),
+      evaluate=lambda weights: evaluation.evaluate(
+          _eager_model(cfg, info, weights, trainable_only=True), info, val_inputs,
+          splits.val_labels),
       check_finite=_check_finite_for(release_client_metrics, run.partitions, cfg.client_epochs),
       save_ledger=folder.save_ledger)
   settings = loop.LoopSettings(
@@ -221,7 +224,7 @@ def client_datasets(run: PreparedRun):
   """The clients' train data as the mechanism reads it: local batches, or (DP-SGD,
   which samples its own batches) each client's examples whole."""
   cfg, splits, info = run.config, run.splits, run.splits.info
-  train_inputs = _train_inputs(cfg, splits)
+  train_inputs = _model_inputs(cfg, info, splits.train_images, "train")
   if run.mechanism.samples_batches_itself:
     return client_data_lib.make_whole_client_data(
         train_inputs, splits.train_labels, run.partitions, info)
@@ -231,15 +234,15 @@ def client_datasets(run: PreparedRun):
       seed=0 if cfg.seed is None else cfg.seed)
 
 
-def _train_inputs(cfg: RunConfig, splits: ImageSplits) -> np.ndarray:
-  """The train images, or for a model with a fixed feature stage their features,
+def _model_inputs(cfg: RunConfig, info, images: np.ndarray, split: str) -> np.ndarray:
+  """The images, or for a model with a fixed feature stage their features,
   computed once here: the stage looks at no data, so it costs no privacy."""
-  stage = models.feature_stage(cfg.model, splits.info)
+  stage = models.feature_stage(cfg.model, info)
   if stage is None:
-    return splits.train_images
+    return images
   start = time.time()
-  features = stage.transform(splits.train_images)
-  _log(f"note: {cfg.model}: features {features.shape[1:]} of {len(features)} train images "
+  features = stage.transform(images)
+  _log(f"note: {cfg.model}: features {features.shape[1:]} of {len(features)} {split} images "
        f"computed in {time.time() - start:.1f} s")
   return features
 
@@ -339,15 +342,16 @@ def _finish(run: PreparedRun, process, state: loop.ProgramState, ledger: Privacy
   return summary
 
 
-def _eager_model(cfg: RunConfig, info, weights):
-  """A freshly built Keras model holding `weights` (ModelWeights or a flat list).
+def _eager_model(cfg: RunConfig, info, weights, trainable_only: bool = False):
+  """A freshly built Keras model holding `weights` (ModelWeights or a flat list);
+  with `trainable_only`, only the part trained in TFF (a feature model's head).
 
   Always a new model: Keras swaps its layer classes between v1 and v2 globally
   whenever one is constructed, and TFF constructs Keras objects (e.g. metrics)
   in v1 graphs, which breaks older eager models. Constructing one eagerly
   swaps the classes it uses back.
   """
-  model = models.build_model(cfg.model, info)
+  model = (models.build_trainable if trainable_only else models.build_model)(cfg.model, info)
   if isinstance(weights, tff.learning.models.ModelWeights):
     weights.assign_weights_to(model)
   else:
