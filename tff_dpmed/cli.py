@@ -2,7 +2,7 @@
 
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 # TensorFlow's C++ start-up lines (oneDNN, cuDNN, cuFFT, cuBLAS, TensorRT,
 # grappler; some logged as errors) tell a CPU user nothing: hide them unless
@@ -34,8 +34,15 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
   raise AssertionError("unreachable")
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """Runs `main` under absl; a UsageError anywhere becomes `error: ...`, exit 2."""
+def run(main: Callable[[list[str]], None],
+        bare_flags: Optional[Mapping[str, str]] = None) -> None:
+  """Runs `main` under absl; a UsageError anywhere becomes `error: ...`, exit 2.
+
+  `bare_flags` rewrites flags given without a value (e.g. {"--audit":
+  "--audit=mia"}) before absl parses them: absl would otherwise take the next
+  argument as the value of a non-bool flag.
+  """
+  aliases = dict(bare_flags or {})
 
   def guarded_main(argv):
     try:
@@ -43,4 +50,5 @@ def run(main: Callable[[list[str]], None]) -> None:
     except UsageError as e:
       fail(str(e))
 
-  app.run(guarded_main, flags_parser=_parse_flags)
+  app.run(guarded_main,
+          flags_parser=lambda argv: _parse_flags([aliases.get(a, a) for a in argv]))

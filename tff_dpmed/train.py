@@ -15,6 +15,7 @@ from absl import logging
 
 from tff_dpmed import cli
 from tff_dpmed import files
+from tff_dpmed.privacy import canary_estimate
 # TensorFlow must be imported before absl's app.run calls main: imported first
 # inside main, Keras fails to build functional models (Flatten sees None).
 from tff_dpmed.privacy.spec import Accountant, ClipMode, DPMode, Sampling, choices
@@ -108,9 +109,19 @@ flags.DEFINE_bool("debug_metrics", False, "DP modes: also write per-round train 
                   "accuracy, cohort size and round time. They are NOT covered by epsilon: "
                   "debugging only (always written with --dp_mode=none).")
 flags.DEFINE_bool("restart", False, "Discard the run folder's checkpoints and metrics.")
-flags.DEFINE_bool("audit", False, "Run TF Privacy's membership-inference attacks on the "
-                  "final model (train examples = members, test = non-members); results go "
-                  "to summary.json.")
+flags.DEFINE_enum("audit", _D.audit, config_lib.AUDITS, "An empirical privacy audit, into "
+                  "summary.json: mia runs TF Privacy's membership-inference attacks on the "
+                  "final model (train examples = members, test = non-members; --audit alone "
+                  "means mia); canary inserts --num_canaries canary clients and estimates "
+                  "epsilon from the final model (Andrew et al. 2024; client-level modes "
+                  "only; see README 'Reading the canary audit').")
+flags.DEFINE_integer("num_canaries", None, "--audit=canary: canary clients, each joining "
+                     "a round with the real clients' sampling rate. Default: "
+                     f"{config_lib.DEFAULT_NUM_CANARIES}.")
+flags.DEFINE_float("canary_norm", None, "--audit=canary: L2 norm of a canary's update. "
+                   "Default: --clip (fixed clipping, and --dp_mode=none, where it is only "
+                   "the reference canaries' size); with adaptive clipping, far above any "
+                   "clip norm, so the aggregator clips each canary to the round's clip.")
 # Runtime.
 flags.DEFINE_enum("executor", _D.executor, EXECUTORS, "local: start a TFF worker of our own; "
                   "remote: run on the TFF workers at --workers, clients spread across them.")
@@ -145,6 +156,7 @@ def config_from_flags() -> RunConfig:
            "delta", "accountant", "clip_mode", "clip", "target_unclipped_quantile",
            "adaptive_clip_learning_rate", "clipped_count_stddev", "rounds_per_eval",
            "rounds_per_checkpoint", "output_dir", "experiment_name", "seed", "restart", "audit",
+           "num_canaries", "canary_norm",
            "debug_metrics", "budget_ledger", "max_concurrent_computation_calls", "executor",
            "workers", "worker_binary", "insecure_local_executor", "worker_tls_ca",
            "worker_tls_cert", "worker_tls_key")
@@ -176,10 +188,12 @@ def main(argv, hooks: Optional[trainer.RoundHooks] = None):
         + (f", {p['privacy_unit']}-level" if p.get("privacy_unit") else "") + ", round "
         f"{summary['selected_round']} of {summary['rounds_completed']}, "
         f"{summary['wall_seconds']:.0f}s)")
-  if "audit" in summary:
+  if run.config.audit == "mia":
     a = summary["audit"]
     print(f"membership-inference audit: attack AUC {a['attack_auc']:.3f}, attacker advantage "
           f"{a['attacker_advantage']:.3f}")
+  elif run.config.audit == "canary":
+    print(canary_estimate.format_result(summary["audit"]))
   if "client_level" in p:
     c = p["client_level"]
     print(f"client-level (server) epsilon {c['epsilon']:.3f}  delta {c['delta']}  (per hospital, "
@@ -192,7 +206,9 @@ def main(argv, hooks: Optional[trainer.RoundHooks] = None):
 
 def run(hooks: Optional[trainer.RoundHooks] = None):
   """The CLI; `hooks` act inside the round loop (tests use them to act at exact points)."""
-  cli.run(functools.partial(main, hooks=hooks))
+  # --audit alone (a bool flag before issue 15) keeps meaning membership inference.
+  cli.run(functools.partial(main, hooks=hooks),
+          bare_flags={"--audit": "--audit=mia", "--noaudit": "--audit=none"})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import tensorflow_federated as tff
 
 from tff_dpmed import models
 from tff_dpmed.data.types import DatasetInfo
+from tff_dpmed.federated import canaries as canaries_lib
 from tff_dpmed.privacy import safe_updates
 
 
@@ -90,14 +91,17 @@ def release_no_client_metrics(metric_finalizers, local_unfinalized_metrics_type=
 def build_learning_process(model, mechanism, opt: OptimizerConfig,
                            release_client_metrics: bool,
                            loop_implementation: tff.learning.LoopImplementation = CLIENT_LOOP,
-                           client_element_type=None):
+                           client_element_type=None,
+                           canaries: Optional[canaries_lib.CanaryPlan] = None):
   """DP-FedAvg: uniform client weighting, as client-level DP needs bounded per-client influence.
 
   `mechanism` (a `privacy.mechanisms.Mechanism`) supplies the aggregator;
   client updates reach it through `safe_updates.bounded`, so no finite update
   can overflow the clipping. `loop_implementation` is TFF's client loop. A
   mechanism that trains inside the clients (DP-SGD) supplies the client work
-  too; it reads datasets of `client_element_type`.
+  too; it reads datasets of `client_element_type`. With `canaries` (the canary
+  audit) the process reads `canaries_lib.with_canaries`' client data: compose
+  it with `canaries_lib.compose_client_data`.
   """
   aggregator = mechanism.aggregator()
   if aggregator is not None:
@@ -108,14 +112,26 @@ def build_learning_process(model, mechanism, opt: OptimizerConfig,
   if client_element_type is not None:
     client_work = mechanism.client_work(model, client_element_type, opt.client_learning_rate)
     if client_work is not None:
+      if canaries is not None:
+        raise ValueError("canaries cannot replace the updates of a mechanism's own client "
+                         "work (example-level DP); config validation refuses this")
       return _compose_with_client_work(model, client_work, aggregator, server_optimizer)
   client_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=opt.client_learning_rate)
+  metrics_aggregator = None if release_client_metrics else release_no_client_metrics
+  if canaries is not None:
+    # What build_unweighted_fed_avg composes, with the canaries' client work around FedAvg's.
+    client_work = tff.learning.templates.build_functional_model_delta_client_work(
+        model=model, optimizer=client_optimizer,
+        client_weighting=tff.learning.ClientWeighting.UNIFORM,
+        metrics_aggregator=metrics_aggregator, loop_implementation=loop_implementation)
+    return _compose_with_client_work(model, canaries_lib.with_canaries(client_work, canaries),
+                                     aggregator, server_optimizer)
   return tff.learning.algorithms.build_unweighted_fed_avg(
       model,
       client_optimizer_fn=client_optimizer,
       server_optimizer_fn=server_optimizer,
       model_aggregator=aggregator,
-      metrics_aggregator=None if release_client_metrics else release_no_client_metrics,
+      metrics_aggregator=metrics_aggregator,
       loop_implementation=loop_implementation)
 
 

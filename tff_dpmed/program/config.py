@@ -15,10 +15,15 @@ import re
 from typing import Any, Optional
 
 from tff_dpmed.errors import UsageError
+from tff_dpmed.privacy.canary_estimate import MIN_SAMPLES as MIN_CANARIES
 from tff_dpmed.privacy.spec import FLOAT32_MAX, DPMode, DPSpec
 
 PARTITIONS = ("iid", "dirichlet", "per_example")
 EXECUTORS = ("local", "remote")
+# --audit: none; mia (membership inference on examples, program/audit.py); canary
+# (client-level canaries, Andrew et al. 2024, program/canary_audit.py).
+AUDITS = ("none", "mia", "canary")
+DEFAULT_NUM_CANARIES = 50
 IMAGE_SIZES = (28, 64, 128, 224)
 # A run folder is one path component under --output_dir: no separators, no
 # '..', nothing hidden, so a run never writes outside --output_dir.
@@ -60,7 +65,11 @@ class RunConfig:
   experiment_name: str = "default"
   seed: Optional[int] = None
   restart: bool = False
-  audit: bool = False
+  audit: str = "none"
+  # --audit=canary: canary clients (None: DEFAULT_NUM_CANARIES) and the norm of
+  # their updates (None: see canary_audit.canary_norm).
+  num_canaries: Optional[int] = None
+  canary_norm: Optional[float] = None
   # Per-round train loss/accuracy, cohort size and round time in DP modes:
   # outside every DP mechanism, so off unless asked for (debugging only).
   debug_metrics: bool = False
@@ -118,6 +127,9 @@ class RunConfig:
     spec_fields = {k: flat.pop(k) for k in list(flat) if k in spec_names}
     names = {f.name for f in dataclasses.fields(cls)} - {"dp"}
     run_fields = {k: v for k, v in flat.items() if k in names}
+    if isinstance(run_fields.get("audit"), bool):
+      # config.json before issue 15: --audit was a bool meaning membership inference.
+      run_fields["audit"] = "mia" if run_fields["audit"] else "none"
     defaults = _default_dp().to_json()
     mode = DPMode(spec_fields.get("dp_mode", defaults["dp_mode"]))
     # Client-side noise (local, example) is seeded by --seed; the server's never is.
@@ -140,6 +152,7 @@ class RunConfig:
     """Checks everything that can be checked without reading data."""
     _one_of("partition", self.partition, PARTITIONS)
     self._validate_runtime()
+    self._validate_audit()
     if self.image_size not in IMAGE_SIZES:
       raise UsageError(f"--image_size={self.image_size} is not supported: use 28, 64, 128 or 224")
     for name in ("rounds", "client_epochs", "client_batch_size", "rounds_per_eval",
@@ -175,6 +188,33 @@ class RunConfig:
     for name in ("target_epsilon", "max_epsilon"):
       if getattr(self, name) is not None:
         _positive_finite(name, getattr(self, name))
+
+  def _validate_audit(self) -> None:
+    _one_of("audit", self.audit, AUDITS)
+    canary_flags = [f"--{name}" for name in ("num_canaries", "canary_norm")
+                    if getattr(self, name) is not None]
+    if self.audit != "canary":
+      if canary_flags:
+        raise UsageError(f"{', '.join(canary_flags)} without --audit=canary has no effect: add "
+                         "--audit=canary or drop it")
+      return
+    if self.dp.mode is DPMode.EXAMPLE:
+      raise UsageError("--audit=canary audits client-level DP (central, local, none) and does "
+                       "not audit --dp_mode=example yet: use --audit=mia, or another --dp_mode")
+    if self.num_canaries is not None and (
+        isinstance(self.num_canaries, bool) or not isinstance(self.num_canaries, int)
+        or not MIN_CANARIES <= self.num_canaries <= 100_000):
+      raise UsageError(f"--num_canaries={self.num_canaries} must be a whole number from "
+                       f"{MIN_CANARIES} to 100000 (default {DEFAULT_NUM_CANARIES})")
+    if self.canary_norm is not None:
+      _positive_finite("canary_norm", self.canary_norm)
+
+  @property
+  def canary_count(self) -> int:
+    """Canary clients of --audit=canary (0 without it)."""
+    if self.audit != "canary":
+      return 0
+    return DEFAULT_NUM_CANARIES if self.num_canaries is None else self.num_canaries
 
   def _validate_runtime(self) -> None:
     _one_of("executor", self.executor, EXECUTORS)

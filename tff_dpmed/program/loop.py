@@ -131,6 +131,9 @@ def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
       try:
         hooks.before_sample(state.round + 1, parts.sampler)
         participants = parts.sampler.sample()
+        # Canary clients (the canary audit) take part in the round but are no
+        # participants: the ledger, the cohort size and the metrics never see them.
+        canaries = parts.sampler.sample_canaries()
         hooks.after_sample(state.round + 1, participants)
         if _over_budget(parts.ledger, participants, settings.max_epsilon):
           parts.sampler.set_state(sampler_before)
@@ -140,7 +143,8 @@ def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
           break
         t0 = time.time()
         learning_state = hooks.before_next(state.round + 1, state.learning_state)
-        output = parts.process.next(learning_state, [str(i) for i in participants])
+        output = parts.process.next(learning_state,
+                                    [str(i) for i in [*participants, *canaries]])
         # Executed: the round's noise has been drawn, so it is accounted now,
         # whatever happens next (a crash before the commit included).
         with signals_deferred():

@@ -29,13 +29,15 @@ from tff_dpmed.program.config import RunConfig
 
 LEDGER_FILE = "privacy_ledger.json"
 CONFIG_FILE = "config.json"
+# --audit=canary: the trainable weights training started from (program/canary_audit.py).
+CANARY_INITIAL_WEIGHTS = "canary_initial_weights.npz"
 # Changing these between a run and its resume would make the resumed state
 # meaningless; the privacy settings are checked against the ledger itself.
 RESUME_KEYS = ("dataset", "image_size", "partition", "dirichlet_alpha", "model",
                "client_epochs", "client_batch_size", "seed", "client_learning_rate",
                "server_learning_rate", "server_momentum")
 _DERIVED = ("metrics.csv", "summary.json", "tensorboard", "checkpoints", LEDGER_FILE,
-            "final_weights.npz")
+            "final_weights.npz", CANARY_INITIAL_WEIGHTS)
 
 
 def check_writable(output_dir: str, run_dir: str) -> None:
@@ -160,6 +162,13 @@ class RunFolder:
       raise UsageError(
           f"{self.path} holds a run with different {', '.join(changed)}: rerun with the same "
           "flags to resume, pass --restart to discard it, or use another --experiment_name")
+    old_canaries, new_canaries = _canaries(old_config), _canaries(new_config)
+    if old_canaries != new_canaries:
+      raise UsageError(
+          f"{self.path} holds a run with other canaries (--audit, --num_canaries, "
+          f"--canary_norm: {old_canaries} -> {new_canaries}): the canary audit needs the same "
+          "canaries from the first round to the last; rerun with the same flags to resume, or "
+          "pass --restart")
     if old.get("train_data_sha256") != fingerprint:
       raise UsageError(
           f"{self.path} was trained on other data (the training split's fingerprint differs): "
@@ -215,3 +224,10 @@ class RunFolder:
             "stay accounted, so epsilon also counts the rounds run again now",
             file=sys.stderr, flush=True)
     return state, ledger
+
+
+def _canaries(config: dict) -> Optional[tuple]:
+  """The canary settings a run's flat config trains with (None: no canaries)."""
+  if config.get("audit") != "canary":  # Also a bool --audit of older runs: no canaries.
+    return None
+  return (config.get("num_canaries"), config.get("canary_norm"))

@@ -24,6 +24,7 @@ from tff_dpmed.data import partition as partition_lib
 from tff_dpmed.data import registry as data_registry
 from tff_dpmed.data.types import ImageSplits
 from tff_dpmed.errors import UsageError
+from tff_dpmed.federated import canaries as canaries_lib
 from tff_dpmed.federated import context
 from tff_dpmed.federated import process as process_lib
 from tff_dpmed.files import write_json_atomic
@@ -34,6 +35,7 @@ from tff_dpmed.privacy.budget import BudgetLedger
 from tff_dpmed.privacy.ledger import PrivacyLedger
 from tff_dpmed.privacy.spec import DPMode, default_delta
 from tff_dpmed.program import artifacts
+from tff_dpmed.program import canary_audit
 from tff_dpmed.program import evaluation
 from tff_dpmed.program import loop
 from tff_dpmed.program import run_dir as run_dir_lib
@@ -199,6 +201,10 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
                             best_weights=list(initial.trainable) + list(initial.non_trainable))
   state, ledger = folder.restore(state, PrivacyLedger(mechanism.spec))
   sampler.set_state(state.sampler)
+  audit_start = None
+  if cfg.audit == "canary":
+    audit_start = canary_audit.initial_trainable(cfg.run_dir, initial.trainable,
+                                                 resumed=state.round > 0)
   # A feature model's val features are computed once; each evaluation runs its head.
   val_inputs = _model_inputs(cfg, info, splits.val_images, "val")
   parts = loop.LoopParts(
@@ -217,7 +223,7 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
     state = loop.run_rounds(state, parts, settings, hooks, show_progress)
   finally:
     parts.metrics_log.close()
-  return _finish(run, process, state, ledger, time.time() - start_time)
+  return _finish(run, process, state, ledger, time.time() - start_time, audit_start)
 
 
 def client_datasets(run: PreparedRun):
@@ -248,9 +254,10 @@ def _model_inputs(cfg: RunConfig, info, images: np.ndarray, split: str) -> np.nd
 
 
 def make_sampler(cfg: RunConfig) -> ClientSampler:
-  """Client sampling as the accountant assumes it, seeded only where that protects nothing."""
+  """Client sampling as the accountant assumes it, seeded only where that protects nothing;
+  with --audit=canary, the canaries' own sampling beside it."""
   return ClientSampler(cfg.num_clients, cfg.clients_per_round, cfg.dp.sampling.value,
-                       seed=run_dir_lib.sampling_seed(cfg))
+                       seed=run_dir_lib.sampling_seed(cfg), num_canaries=cfg.canary_count)
 
 
 def build_process(run: PreparedRun, federated_data):
@@ -267,10 +274,16 @@ def build_process(run: PreparedRun, federated_data):
   # Per-client train metrics are plain sums outside any DP mechanism: in DP
   # modes they are not released unless --debug_metrics asks for them.
   release_client_metrics = not mechanism.states_guarantee or cfg.debug_metrics
+  canaries = canary_audit.plan_for(cfg)
   process = process_lib.build_learning_process(
       tff_model, mechanism, process_lib.OptimizerConfig(
           cfg.client_learning_rate, cfg.server_learning_rate, cfg.server_momentum),
-      release_client_metrics=release_client_metrics, client_element_type=element_type)
+      release_client_metrics=release_client_metrics, client_element_type=element_type,
+      canaries=canaries)
+  if canaries is not None:
+    # Canary ids get no data and a marker (federated/canaries.py).
+    return (canaries_lib.compose_client_data(federated_data, canaries, process),
+            release_client_metrics)
   # Clients build their datasets on the worker from their id, so no dataset
   # graph is serialised per client per round.
   process = tff.simulation.compose_dataset_computation_with_learning_process(
@@ -309,8 +322,11 @@ def _check_finite_for(client_metrics_released: bool, partitions, epochs):
 
 
 def _finish(run: PreparedRun, process, state: loop.ProgramState, ledger: PrivacyLedger,
-            wall_seconds: float) -> dict:
-  """Model selection on val; the test split is used once, here, for the report."""
+            wall_seconds: float, audit_start: Optional[list] = None) -> dict:
+  """Model selection on val; the test split is used once, here, for the report.
+
+  `audit_start`: with --audit=canary, the trainable weights training started from.
+  """
   cfg, splits, info = run.config, run.splits, run.splits.info
   final_weights = state.best_weights if state.best_round > 0 else loop.flat_weights(
       process.get_model_weights(state.learning_state))
@@ -330,7 +346,13 @@ def _finish(run: PreparedRun, process, state: loop.ProgramState, ledger: Privacy
   }
   if not np.isfinite(test["auc"]):
     summary["test_auc_note"] = "undefined: the test split has fewer than two classes"
-  if cfg.audit:
+  if cfg.audit == "canary":
+    _log(f"note: running the canary audit ({cfg.canary_count} canaries, "
+         f"{canary_audit.NUM_UNSEEN_DIRECTIONS} unseen directions, final model only)")
+    summary["audit"] = canary_audit.audit(
+        canary_audit.plan_for(cfg), audit_start, final_weights[:len(audit_start)],
+        summary["privacy"]["epsilon"], run.mechanism.spec.delta, run.mechanism.spec.mode)
+  if cfg.audit == "mia":
     from tff_dpmed.program import audit  # TF Privacy's attacks take seconds to import.
     _log("note: running the membership-inference audit (train = members, test = non-members)")
     summary["audit"] = audit.membership_inference_audit(
