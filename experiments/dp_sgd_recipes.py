@@ -77,9 +77,9 @@ RECIPES = (
     Recipe("pneumonia_dirichlet_eps1", "pneumoniamnist", "dirichlet", 1.0, _scatter(16, 1.0, 20)),
     Recipe("pneumonia_dirichlet_nodp", "pneumoniamnist", "dirichlet", None,
            _scatter(16, 1.0, 20)),
-    Recipe("breast_iid_eps3", "breastmnist", "iid", 3.0, _scatter(16, 1.0, 30)),
-    Recipe("breast_iid_eps1", "breastmnist", "iid", 1.0, _scatter(16, 1.0, 30)),
-    Recipe("breast_iid_nodp", "breastmnist", "iid", None, _scatter(16, 1.0, 30)),
+    Recipe("breast_iid_eps3", "breastmnist", "iid", 3.0, _scatter(32, 2.0, 30)),
+    Recipe("breast_iid_eps1", "breastmnist", "iid", 1.0, _scatter(32, 2.0, 30)),
+    Recipe("breast_iid_nodp", "breastmnist", "iid", None, _scatter(32, 2.0, 30)),
 )
 
 
