@@ -31,12 +31,10 @@ from benchmarks import bench_scale
 from benchmarks import bench_throughput
 from benchmarks import common_flags
 from benchmarks import report
-from tff_dpmed import files
 
 PIECES = ("round_time", "first_round", "scale", "throughput")
 _ONLY = flags.DEFINE_list("only", list(PIECES), f"Which pieces to run, of {', '.join(PIECES)}.")
-_OUTPUT = flags.DEFINE_string("output", os.path.join(report.REPO, "benchmarks", "RESULTS.md"),
-                              "Where to write the report (raw JSON beside it).")
+DEFAULT_OUTPUT = os.path.join(report.REPO, "benchmarks", "RESULTS.md")
 LEVERS_FILE = os.path.join(report.REPO, "benchmarks", "LEVERS.md")
 
 ROUND_TIME_TARGET = 1.3
@@ -127,12 +125,7 @@ def main(argv):
       parts += [f.read().strip(), ""]
   text = "\n".join(parts)
   print(text)
-  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-  with open(_OUTPUT.value, "w") as f:
-    f.write(text)
-  with open(os.path.splitext(_OUTPUT.value)[0] + ".json", "w") as f:
-    f.write(files.dumps(raw, indent=1))
-  print(f"\nwritten to {_OUTPUT.value}")
+  report.write(common_flags.OUTPUT.value or DEFAULT_OUTPUT, text, raw)
 
 
 if __name__ == "__main__":
