@@ -303,12 +303,17 @@ def main(argv):
   reps = 1 if quick else common_flags.REPETITIONS.value
   info = report.machine("benchmarks.bench_dp_sgd")
   entries = run(common_flags.DATA_DIR.value, cases, reps, OPTIMIZER_MODELS.value)
-  raw = {"machine": info, "quick": quick, "dp_sgd": entries, "seconds": time.time() - started}
+  # Other jobs on a shared machine inflate wall times far more than CPU seconds.
+  load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+  raw = {"machine": info, "quick": quick, "dp_sgd": entries, "seconds": time.time() - started,
+         "load_average_at_end": load}
   title = ("# Example-level DP-SGD: federated vs central" +
            (" (SMOKE RUN: --quick, the numbers mean nothing)" if quick else ""))
   text = "\n".join([
       title, "", f"Run time {raw['seconds'] / 60:.1f} min. Values are medians over {reps} "
-      "repetition(s) with (min-max).", "", report.machine_table(info), "", "## Target", "",
+      f"repetition(s) with (min-max). Load average at the end (1/5/15 min): {load}; above "
+      f"{procstats.usable_cores()}, other jobs shared the cores, and CPU seconds are the better "
+      "guide.", "", report.machine_table(info), "", "## Target", "",
       *verdicts(entries), "", "## How", "", "\n\n".join(__doc__.strip().split("\n\n")[2:]),
       "", "## Results", "", markdown(entries), ""])
   print(text)
