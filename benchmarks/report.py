@@ -68,14 +68,15 @@ def _protobuf() -> str:
     return "not installed"
 
 
-def machine() -> dict:
-  """What the numbers were measured on and with (imports TF and TFF for their versions)."""
+def machine(module: str = "benchmarks.run_all") -> dict:
+  """What the numbers were measured on and with (imports TF and TFF for their versions);
+  `module` is the benchmark that was run, for the command line."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   dirty = _git("status", "--porcelain", "--untracked-files=no")
   load = os.getloadavg()
   return {
-      "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.run_all",
+      "command": " ".join([os.path.basename(sys.executable), "-m", module,
                            *sys.argv[1:]]),
       "git commit": _git("rev-parse", "HEAD") + (" (with uncommitted changes)" if dirty else ""),
       "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -94,3 +95,14 @@ def machine() -> dict:
 def machine_table(info: dict) -> str:
   return table(["", ""], [(k, f"`{v}`" if k == "command" else v) for k, v in info.items()],
                align="ll")
+
+
+def write(path: str, text: str, raw: dict) -> None:
+  """Writes the markdown report to `path` and the raw results as JSON beside it."""
+  from tff_dpmed import files  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+  with open(os.path.splitext(path)[0] + ".json", "w") as f:
+    f.write(files.dumps(raw, indent=1))
+  print(f"\nwritten to {path}")

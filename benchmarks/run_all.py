@@ -1,7 +1,7 @@
 """The whole benchmark suite in one command; writes benchmarks/RESULTS.md.
 
   python -m benchmarks.run_all [--data_dir=...] [--repetitions=3] [--quick]
-      [--only=round_time,first_round,scale,throughput] [--output=benchmarks/RESULTS.md]
+      [--only=round_time,first_round,scale,throughput,dp_sgd] [--output=benchmarks/RESULTS.md]
 
   1. round time: tff_dpmed vs the plain-TF reference at 10 and 100 of 100
      clients per round (bench_round_time)
@@ -10,9 +10,12 @@
      RSS with the TFF worker (bench_scale)
   4. throughput: examples/s per core, tff_dpmed vs Keras model.fit
      (bench_throughput; tff_dpmed's numbers come from step 1 at 100 clients)
+  5. example-level DP-SGD: a federated round over 10 hospitals vs a central
+     TF Privacy Keras epoch, scatter_linear and gap_cnn (bench_dp_sgd)
 
 About 3 minutes on a quiet 2-core machine with protobuf's upb backend (the
-lock's 4.25.3), 10 with the pure-Python 3.20.3 (see the Levers section);
+lock's 4.25.3), 10 with the pure-Python 3.20.3 (see the Levers section), plus
+about 4 for step 5;
 --quick is a smoke run of a few minutes whose numbers mean nothing. The tables are printed and written, with the command, commit,
 date and machine, to --output; raw results go next to it as JSON.
 """
@@ -25,18 +28,17 @@ from absl import flags
 # Before absl parses flags; see bench_round_time.
 import tensorflow as tf  # pylint: disable=unused-import
 
+from benchmarks import bench_dp_sgd
 from benchmarks import bench_first_round
 from benchmarks import bench_round_time
 from benchmarks import bench_scale
 from benchmarks import bench_throughput
 from benchmarks import common_flags
 from benchmarks import report
-from tff_dpmed import files
 
-PIECES = ("round_time", "first_round", "scale", "throughput")
+PIECES = ("round_time", "first_round", "scale", "throughput", "dp_sgd")
 _ONLY = flags.DEFINE_list("only", list(PIECES), f"Which pieces to run, of {', '.join(PIECES)}.")
-_OUTPUT = flags.DEFINE_string("output", os.path.join(report.REPO, "benchmarks", "RESULTS.md"),
-                              "Where to write the report (raw JSON beside it).")
+DEFAULT_OUTPUT = os.path.join(report.REPO, "benchmarks", "RESULTS.md")
 LEVERS_FILE = os.path.join(report.REPO, "benchmarks", "LEVERS.md")
 
 ROUND_TIME_TARGET = 1.3
@@ -48,16 +50,18 @@ def _how(module) -> str:
 
 
 def _sizes(quick: bool, repetitions: int) -> dict:
+  dp_sgd_models = bench_dp_sgd.parse_models(bench_dp_sgd.MODEL_CASES.value)
   if quick:
     return dict(reps=1, round_time_k=[5], round_time_rounds=2, warmup=1, first_round_reps=1,
-                scale_clients=[100, 1000], scale_k=5, scale_rounds=1, fit_epochs=1)
+                scale_clients=[100, 1000], scale_k=5, scale_rounds=1, fit_epochs=1,
+                dp_sgd_models=dp_sgd_models[:1])
   return dict(reps=repetitions, round_time_k=[10, 100], round_time_rounds=3, warmup=2,
               first_round_reps=repetitions, scale_clients=[100, 1000, 10000], scale_k=50,
-              scale_rounds=3, fit_epochs=2)
+              scale_rounds=3, fit_epochs=2, dp_sgd_models=dp_sgd_models)
 
 
 def _verdicts(raw: dict) -> list:
-  """The two targets, stated from the numbers measured."""
+  """The targets, stated from the numbers measured."""
   out = []
   for entry in raw.get("round_time", []):
     if entry["clients_per_round"] == 100:
@@ -73,7 +77,7 @@ def _verdicts(raw: dict) -> list:
     out.append(f"- First round (process start to end of round 1): {med:.1f} s; target < "
                f"{bench_first_round.TARGET_S:.0f} s: "
                f"{'met' if med < bench_first_round.TARGET_S else '**not met**'}.")
-  return out
+  return out + bench_dp_sgd.verdicts(raw.get("dp_sgd", []))
 
 
 def main(argv):
@@ -110,6 +114,11 @@ def main(argv):
     entry = max(raw["round_time"], key=lambda e: e["clients_per_round"])
     sections.append(("4. Throughput: the default model", _how(bench_throughput),
                      bench_throughput.markdown(raw["keras_fit"], entry)))
+  if "dp_sgd" in only:
+    raw["dp_sgd"] = bench_dp_sgd.run(data_dir, s["dp_sgd_models"], s["reps"],
+                                     bench_dp_sgd.OPTIMIZER_MODELS.value)
+    sections.append(("5. Example-level DP-SGD: federated vs central", _how(bench_dp_sgd),
+                     bench_dp_sgd.markdown(raw["dp_sgd"])))
   raw["seconds"] = time.time() - started
 
   title = "# Benchmark results" + (" (SMOKE RUN: --quick, the numbers mean nothing)" if quick else "")
@@ -127,12 +136,7 @@ def main(argv):
       parts += [f.read().strip(), ""]
   text = "\n".join(parts)
   print(text)
-  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-  with open(_OUTPUT.value, "w") as f:
-    f.write(text)
-  with open(os.path.splitext(_OUTPUT.value)[0] + ".json", "w") as f:
-    f.write(files.dumps(raw, indent=1))
-  print(f"\nwritten to {_OUTPUT.value}")
+  report.write(common_flags.OUTPUT.value or DEFAULT_OUTPUT, text, raw)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import bench_accounting
+from benchmarks import bench_dp_sgd
 from benchmarks import bench_first_round
 from benchmarks import bench_round_time
 from benchmarks import bench_scale
@@ -143,6 +144,37 @@ def test_keras_fit(data_dir):
   assert keras["examples_per_epoch"] == 546
   assert len(keras["wall_s"]) == len(keras["cpu_s"]) == 1 and keras["wall_s"][0] > 0
   assert "| Keras model.fit, one epoch | 546 |" in bench_throughput.markdown(keras, None)
+
+
+def test_dp_sgd_federated_round_and_central_epochs(data_dir, tff_runtime, tmp_path):
+  del tff_runtime  # The federated contenders execute on it.
+  # 4 BreastMNIST hospitals (~136 examples each), B=16: scatter_linear also
+  # covers the feature stage and both TF Privacy paths.
+  setup = bench_dp_sgd.Setup(str(data_dir), "scatter_linear", 16, num_clients=4,
+                             dataset="breastmnist")
+  # The lever's client datasets hold the trainer's tensors.
+  from_files = bench_dp_sgd.client_data_from_files(setup, str(tmp_path))
+  for client in ("0", "3"):
+    (want,) = setup.client_data.create_tf_dataset_for_client(client)
+    (got,) = from_files.create_tf_dataset_for_client(client)
+    for name in ("x", "y", "client"):
+      np.testing.assert_array_equal(got[name], want[name])
+
+  entry = bench_dp_sgd.measure(setup, repetitions=1, show_progress=False)
+  res = entry["results"]
+  assert set(res) == {"federated", "federated, data from files", *bench_dp_sgd.KERAS}
+  for r in res.values():
+    assert len(r["wall_s"]) == len(r["cpu_s"]) == 1 and r["wall_s"][0] > 0 and r["first_s"] > 0
+  steps = sum(math.ceil(len(p) / 16) for p in setup.run.partitions)
+  assert res["federated"]["steps"] == steps and res["federated"]["gradients"] == 16 * steps
+  assert res["keras dp_model"]["steps"] == math.ceil(546 / 16)
+  assert res["keras dp_model"]["gradients"] == 546
+  assert bench_dp_sgd.anchor(entry) in bench_dp_sgd.KERAS
+  assert len(bench_dp_sgd.ratios(entry)) == 1 and bench_dp_sgd.ratios(entry)[0] > 0
+  table = bench_dp_sgd.markdown([entry])
+  assert "| scatter_linear | 16 | federated |" in table and "| anchor |" in table
+  (verdict,) = run_all._verdicts({"dp_sgd": [entry]})  # pylint: disable=protected-access
+  assert "scatter_linear (B=16)" in verdict and "target <= 1.3" in verdict
 
 
 def test_report_helpers():
