@@ -22,14 +22,14 @@ load it kept the train step waiting for batches.
 Federated (`federated`): `--dp_mode=example --clip_mode=fixed`, the data split
 IID over 10 hospitals, all 10 every round (`--sampling=all`),
 `--client_epochs=1`, the same B, C, z and model, built by the trainer's own
-functions (`trainer.prepare`, whole-client data, `trainer.build_process`) and
-run on the local TFF worker; a round is next() and reading the new weights,
-as the trainer does. One round is one expected pass: each hospital runs
-ceil(n_k / B) Poisson-sampled steps of expected size B, so about 5,120
+functions (`trainer.prepare`, `trainer.client_datasets`, `trainer.build_process`)
+and run on the local TFF worker; a round is next() and reading the new
+weights, as the trainer does. One round is one expected pass: each hospital
+runs ceil(n_k / B) Poisson-sampled steps of expected size B, so about 5,120
 per-example gradients against the epoch's 4,708. `federated, data from
-files` is a lever, not what the trainer runs: the same process and tensors,
-but each hospital's dataset is read by the worker from a file of its own,
-where the trainer embeds all training data in the computation.
+files` is what the trainer runs on its local worker: each hospital's tensors
+in a private file the worker reads. `federated` embeds all training data in
+the computation, as the trainer does for remote workers.
 
 Per model, one untimed pass of each contender first (tracing; reported as
 first pass), then each repetition times one pass of each, in alternating
@@ -37,7 +37,6 @@ order. Ratio = round / anchor epoch within a repetition, by wall time and by
 CPU seconds (this process and its TFF worker).
 """
 
-import collections
 import os
 import tempfile
 import time
@@ -91,7 +90,6 @@ class Setup:
   def __init__(self, data_dir: Optional[str], model: str, batch_size: int,
                num_clients: int = NUM_HOSPITALS, dataset: str = "pneumoniamnist"):
     from tff_dpmed import models  # pylint: disable=g-import-not-at-top
-    from tff_dpmed.data import client_data  # pylint: disable=g-import-not-at-top
     from tff_dpmed.program import trainer  # pylint: disable=g-import-not-at-top
     # Unseeded, as a private run is: the client work then draws its batches
     # and noise from the OS, the trainer's normal path.
@@ -100,36 +98,17 @@ class Setup:
         clip_mode="fixed", clip=CLIP, sampling="all", client_epochs=1,
         client_batch_size=batch_size, seed=None))
     splits = self.run.splits
-    # The trainer's own feature stage: images, or features computed once.
-    self.train_inputs = trainer._train_inputs(self.run.config, splits)  # pylint: disable=protected-access
-    self.client_data = client_data.make_whole_client_data(
-        self.train_inputs, splits.train_labels, self.run.partitions, splits.info)
+    # The trainer's own client data (its feature stage included), in the computation.
+    self.client_data = trainer.client_datasets(self.run)
     self.initial_weights = [np.asarray(w) for w in
                             models.build_trainable(model, splits.info, seed=0).get_weights()]
 
 
 def client_data_from_files(setup: Setup, folder: str):
-  """The trainer's whole-client datasets, but each read by the worker from files
-  of its own, so the computation carries file names instead of all the data."""
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-  whole = setup.client_data
-  spec = whole.element_type_structure
-  for client in whole.client_ids:
-    (element,) = whole.create_tf_dataset_for_client(client)
-    for name in ("x", "y"):
-      tf.io.write_file(os.path.join(folder, f"{client}.{name}"),
-                       tf.io.serialize_tensor(element[name]))
-
-  def client_dataset(client_id) -> tf.data.Dataset:
-    def read(name):
-      path = tf.strings.join([folder + os.sep, client_id, "." + name])
-      tensor = tf.io.parse_tensor(tf.io.read_file(path), spec[name].dtype)
-      return tf.ensure_shape(tensor, [None, *spec[name].shape[1:]])
-    return tf.data.Dataset.from_tensors(collections.OrderedDict(
-        x=read("x"), y=read("y"), client=tf.strings.to_number(client_id, out_type=tf.int64)))
-
-  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(whole.client_ids,
-                                                                   client_dataset)
+  """The trainer's whole-client datasets as it runs them on the local worker: each
+  hospital's tensors in a file of `folder`, read by the worker."""
+  from tff_dpmed.program import trainer  # pylint: disable=g-import-not-at-top
+  return trainer.client_datasets(setup.run, folder)
 
 
 class FederatedDPSGD:

@@ -341,6 +341,8 @@ def test_rounds_rerun_after_a_crash_are_accounted(data_dir, tmp_path, dp_mode):
   assert executed >= 3
   resumed = _run(cmd)
   assert "stay accounted" in resumed.stderr
+  # DP-SGD's per-client data files (private to the run folder) are gone once it ends.
+  assert not (run_dir / "client_data.tmp").exists()
   summary = _summary(run_dir)
   accounted = executed + (4 - 2)  # Rounds 3 and 4 run again from the round-2 checkpoint.
   assert summary["privacy"]["rounds_accounted"] == accounted

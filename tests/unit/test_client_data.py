@@ -239,3 +239,23 @@ def test_too_large_for_dataset_computation_is_a_usage_error(monkeypatch):
   assert len(_batches(cd, "0")) == 4  # The eager path has no such limit.
   with pytest.raises(UsageError, match="too large to embed"):
     _ = cd.dataset_computation
+
+
+def test_whole_client_data_from_files_holds_the_same_tensors(tmp_path):
+  # DP-SGD's clients read their data from private files on the local worker.
+  from tff_dpmed.data.types import DatasetInfo
+  info = DatasetInfo(name="t", task="binary-class", class_names=("a", "b"),
+                     image_shape=(4, 4, 1))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (9, 4, 4, 1), dtype=np.uint8)
+  labels = rng.integers(0, 2, 9)
+  partitions = [np.array([0, 4, 8]), np.array([1, 2, 3, 5, 6, 7])]
+  embedded = client_data.make_whole_client_data(images, labels, partitions, info)
+  from_files = client_data.make_whole_client_data(images, labels, partitions, info,
+                                                  folder=str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["0.x", "0.y", "1.x", "1.y"]
+  for client in ("0", "1"):
+    (want,) = embedded.create_tf_dataset_for_client(client)
+    (got,) = from_files.create_tf_dataset_for_client(client)
+    for name in ("x", "y", "client"):
+      np.testing.assert_array_equal(got[name], want[name])

@@ -8,9 +8,11 @@ round loop (`loop.run_rounds`), and writes summary.json and the SavedModel.
 """
 
 import collections
+import contextlib
 import dataclasses
 import os
 import signal
+import shutil
 import sys
 import time
 from typing import Optional
@@ -158,8 +160,8 @@ def train(run: PreparedRun, show_progress: bool = True,
     start_time = time.time()
     previous = {s: signal.signal(s, loop.raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-      with _runtime(cfg):
-        return _train_with_runtime(run, folder, start_time, show_progress, hooks)
+      with _runtime(cfg), _client_files(run) as client_files:
+        return _train_with_runtime(run, folder, start_time, show_progress, hooks, client_files)
     except context.WorkerError as e:
       # Nothing of the failed round was committed; the checkpoints are as they were.
       saved = folder.checkpointer.versions()
@@ -186,10 +188,36 @@ def _initial_weights(cfg: RunConfig, info) -> tff.learning.models.ModelWeights:
       non_trainable=[np.asarray(w) for w in initial.non_trainable])
 
 
+CLIENT_FILES = "client_data.tmp"
+
+
+@contextlib.contextmanager
+def _client_files(run: PreparedRun):
+  """A private folder from which the local worker reads DP-SGD's whole-client data,
+  or None where the data go in the computation (remote workers need not share
+  this machine's file system).
+
+  It lives in the (locked) run folder, mode 0700, and is removed when the run
+  ends; a run killed before that leaves it there, and the next run in the
+  folder replaces it, so no copy of the data is left elsewhere.
+  """
+  if not run.mechanism.samples_batches_itself or run.config.executor != "local":
+    yield None
+    return
+  path = os.path.join(run.config.run_dir, CLIENT_FILES)
+  shutil.rmtree(path, ignore_errors=True)
+  os.mkdir(path, 0o700)
+  try:
+    yield path
+  finally:
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start_time: float,
-                        show_progress: bool, hooks: loop.RoundHooks) -> dict:
+                        show_progress: bool, hooks: loop.RoundHooks,
+                        client_files: Optional[str] = None) -> dict:
   cfg, splits, info, mechanism = run.config, run.splits, run.splits.info, run.mechanism
-  federated_data = client_datasets(run)
+  federated_data = client_datasets(run, client_files)
   process, release_client_metrics = build_process(run, federated_data)
   for key, value in mechanism.noise_choices().items():
     _log(f"note: {key}={value}")
@@ -226,14 +254,15 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
   return _finish(run, process, state, ledger, time.time() - start_time, audit_start)
 
 
-def client_datasets(run: PreparedRun):
+def client_datasets(run: PreparedRun, folder: Optional[str] = None):
   """The clients' train data as the mechanism reads it: local batches, or (DP-SGD,
-  which samples its own batches) each client's examples whole."""
+  which samples its own batches) each client's examples whole, from files in
+  `folder` if given."""
   cfg, splits, info = run.config, run.splits, run.splits.info
   train_inputs = _model_inputs(cfg, info, splits.train_images, "train")
   if run.mechanism.samples_batches_itself:
     return client_data_lib.make_whole_client_data(
-        train_inputs, splits.train_labels, run.partitions, info)
+        train_inputs, splits.train_labels, run.partitions, info, folder=folder)
   return client_data_lib.make_federated_train_data(
       train_inputs, splits.train_labels, run.partitions, info,
       batch_size=cfg.client_batch_size, epochs=cfg.client_epochs,
