@@ -73,6 +73,12 @@ flags.DEFINE_enum("client_dp", _D.client_dp, ("none", "central"), "With --dp_mod
                   "also clip each client's update to --server_clip and noise the sum at the "
                   "server with --server_noise_multiplier (a client-level guarantee beside the "
                   "example-level one).")
+flags.DEFINE_enum("local_batching", _D.local_batching, ("fixed_size", "fixed_rate"),
+                  "With --dp_mode=example: fixed_size samples an expected batch of "
+                  "--client_batch_size in every hospital (rate B/n_k: the smallest hospital "
+                  "is the worst off); fixed_rate samples every hospital at one rate "
+                  "B*clients/examples (B is the average hospital's batch), so all have the "
+                  "same epsilon, and the server weights updates by hospital size.")
 flags.DEFINE_float("server_noise_multiplier", None, "--client_dp=central: the client-level z.")
 flags.DEFINE_float("server_clip", None, "--client_dp=central: clip norm of each client update.")
 flags.DEFINE_float("noise_multiplier", None, "Noise stddev / clip norm (z).")
@@ -151,7 +157,8 @@ def config_from_flags() -> RunConfig:
   names = ("dataset", "data_dir", "download", "num_clients", "partition", "dirichlet_alpha",
            "model", "rounds", "clients_per_round", "sampling", "client_epochs",
            "client_batch_size", "client_learning_rate", "server_learning_rate",
-           "server_momentum", "dp_mode", "client_dp", "server_noise_multiplier", "server_clip",
+           "server_momentum", "dp_mode", "client_dp", "local_batching",
+           "server_noise_multiplier", "server_clip",
            "noise_multiplier", "target_epsilon", "max_epsilon",
            "delta", "accountant", "clip_mode", "clip", "target_unclipped_quantile",
            "adaptive_clip_learning_rate", "clipped_count_stddev", "rounds_per_eval",

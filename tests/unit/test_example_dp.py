@@ -239,3 +239,38 @@ def test_client_dp_needs_example_mode():
   with pytest.raises(UsageError, match="--dp_mode=example only"):
     DPSpec(mode="central", noise_multiplier=1.0, num_clients=3, clients_per_round=3,
            client_dp="central")
+
+
+def test_fixed_rate_gives_every_hospital_one_rate_and_the_worst_size_nothing():
+  sizes = (72, 160, 946)
+  spec = _spec(client_sizes=sizes, num_clients=3, batch_size=30, local_batching="fixed_rate")
+  q = 30 * 3 / sum(sizes)
+  assert all(spec.sampling_rate(n) == q for n in sizes)
+  steps = math.ceil(2 / q)  # E = 2 local epochs at rate q.
+  assert all(spec.local_steps(n) == steps for n in sizes)
+  event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.1))
+  independent = dp_accounting.rdp.RdpAccountant().compose(event, 5 * steps).get_epsilon(1e-5)
+  assert math.isclose(accounting.epsilon_for_rounds(spec, 5), independent, rel_tol=1e-9)
+  # Fixed-size batches of the same B make the 72-image hospital the worst off.
+  assert accounting.epsilon_for_rounds(_spec(client_sizes=sizes, num_clients=3,
+                                             batch_size=30), 5) > independent
+  assert mechanisms.for_spec(spec).weights_updates_by_size()
+  with pytest.raises(UsageError, match="larger than the average client"):
+    _spec(client_sizes=sizes, num_clients=3, batch_size=400, local_batching="fixed_rate")
+
+
+def test_fixed_rate_noise_is_divided_by_the_expected_batch(tff_runtime):
+  # Rate q: each step's noise zC is divided by q n_k, over `steps` steps.
+  z, clip, lr, n, q, steps = 1e4, 1e-4, 1.0, 20, 0.25, 3
+  model = _model()
+  work = example_dp.build_dp_sgd_client_work(
+      model, element_type=ELEMENT, clip=clip, noise_multiplier=z, batch_size=99,
+      local_epochs=1, learning_rate=lr, sampling_rate=q, steps=steps, weight_by_size=True)
+  out = work.next(work.initialize(), [_weights(model)], [_client_dataset(n)])
+  (result,) = out.result
+  assert float(result.update_weight) == n  # Weighted by the hospital's size.
+  delta = np.concatenate([np.ravel(u) for u in result.update])
+  sigma = lr * math.sqrt(steps) * z * clip / (q * n)
+  lo, hi = stats.chi2.ppf([ALPHA / 2, 1 - ALPHA / 2], delta.size)
+  rms = math.sqrt(np.mean(np.square(delta.astype(np.float64))))
+  assert sigma * math.sqrt(lo / delta.size) <= rms <= sigma * math.sqrt(hi / delta.size)

@@ -115,6 +115,8 @@ def build_learning_process(model, mechanism, opt: OptimizerConfig,
       if canaries is not None:
         raise ValueError("canaries cannot replace the updates of a mechanism's own client "
                          "work (example-level DP); config validation refuses this")
+      if aggregator is None and mechanism.weights_updates_by_size():
+        aggregator = tff.aggregators.MeanFactory()  # Weighted by the client's n_k.
       return _compose_with_client_work(model, client_work, aggregator, server_optimizer)
   client_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=opt.client_learning_rate)
   metrics_aggregator = None if release_client_metrics else release_no_client_metrics
@@ -146,9 +148,10 @@ def _compose_with_client_work(model, client_work, aggregator, server_optimizer):
         tuple(tf.convert_to_tensor(w) for w in non_trainable))
 
   weights_type = initial_model_weights.type_signature.result
-  update_aggregator = tff.aggregators.as_weighted_aggregator(
-      aggregator or tff.aggregators.UnweightedMeanFactory()).create(
-          weights_type.trainable, tff.TensorType(np.float32))
+  if not isinstance(aggregator, tff.aggregators.WeightedAggregationFactory):
+    aggregator = tff.aggregators.as_weighted_aggregator(
+        aggregator or tff.aggregators.UnweightedMeanFactory())
+  update_aggregator = aggregator.create(weights_type.trainable, tff.TensorType(np.float32))
   return tff.learning.templates.compose_learning_process(
       initial_model_weights,
       tff.learning.templates.build_broadcast_process(weights_type),

@@ -36,6 +36,9 @@ _CLIENT_EXAMPLES = flags.DEFINE_string(
     "comma-separated list (one per client). The smallest client is the worst off.")
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", None, "--dp_mode=example: the expected local batch B (sampling rate B / n_k).")
+_LOCAL_BATCHING = flags.DEFINE_enum(
+    "local_batching", "fixed_size", ("fixed_size", "fixed_rate"),
+    "--dp_mode=example: fixed_size (rate B / n_k) or fixed_rate (one rate B K / sum n_k).")
 _LOCAL_EPOCHS = flags.DEFINE_integer(
     "local_epochs", 1, "--dp_mode=example: local epochs per round (ceil(E n_k / B) steps).")
 _NOISE_MULTIPLIER = flags.DEFINE_float(
@@ -113,7 +116,8 @@ def _example_fields(mode: DPMode, num_clients: int) -> dict:
                      f"{num_clients}: give one number per client, or one for all")
   # The clip mode is irrelevant to the accounting here; DP-SGD clips fixed.
   return dict(batch_size=_required(_BATCH_SIZE, "64"), local_epochs=_LOCAL_EPOCHS.value,
-              client_sizes=tuple(sizes), clip_mode="fixed")
+              client_sizes=tuple(sizes), clip_mode="fixed",
+              local_batching=_LOCAL_BATCHING.value)
 
 
 def _required(flag, example: str):
@@ -217,7 +221,8 @@ def main(argv: list[str]) -> None:
     smallest = min(spec.client_sizes)
     result.update(batch_size=spec.batch_size, local_epochs=spec.local_epochs,
                   smallest_client=smallest, steps_per_round=spec.local_steps(smallest),
-                  sampling_rate=spec.batch_size / smallest)
+                  sampling_rate=spec.sampling_rate(smallest),
+                  local_batching=spec.local_batching.value)
   print(json.dumps(result, allow_nan=False))
 
 

@@ -63,7 +63,9 @@ def _per_example_clipped_sum(model, trainable, non_trainable, x, y, clip: float)
 def build_dp_sgd_client_work(model: tff.learning.models.FunctionalModel, *, element_type,
                              clip: float, noise_multiplier: float, batch_size: int,
                              local_epochs: int, learning_rate: float,
-                             seed: Optional[int] = None) -> tff.learning.templates.ClientWorkProcess:
+                             seed: Optional[int] = None, sampling_rate: Optional[float] = None,
+                             steps: Optional[int] = None, weight_by_size: bool = False
+                             ) -> tff.learning.templates.ClientWorkProcess:
   """A `ClientWorkProcess` that trains with DP-SGD and returns the model delta.
 
   Args:
@@ -77,6 +79,10 @@ def build_dp_sgd_client_work(model: tff.learning.models.FunctionalModel, *, elem
     learning_rate: Local SGD learning rate.
     seed: None for private, non-deterministic randomness; an int for a
       reproducible (not private) debugging run.
+    sampling_rate, steps: One Poisson rate q and step count for every client
+      (`--local_batching=fixed_rate`; the expected batch, and so the
+      denominator, is q n_k); None: rate B / n_k and ceil(E n_k / B) steps.
+    weight_by_size: The update's weight is n_k (for a weighted mean), else 1.
 
   Measurements: none. A client releases only its noised model delta.
   """
@@ -98,8 +104,14 @@ def build_dp_sgd_client_work(model: tff.learning.models.FunctionalModel, *, elem
     element = dataset.get_single_element()
     x_all, y_all, client = element["x"], element["y"], element["client"]
     n = tf.shape(x_all, out_type=tf.int64)[0]
-    steps = (epochs * n + batch - 1) // batch
-    rate = tf.cast(batch, tf.float64) / tf.cast(n, tf.float64)
+    if sampling_rate is None:
+      num_steps = (epochs * n + batch - 1) // batch
+      rate = tf.cast(batch, tf.float64) / tf.cast(n, tf.float64)
+    else:
+      num_steps = tf.constant(int(steps), tf.int64)
+      rate = tf.constant(float(sampling_rate), tf.float64)
+    # The expected batch: a fixed denominator, whatever a step samples.
+    denominator = tf.cast(rate * tf.cast(n, tf.float64), tf.float32)
     client_seed = tf.random.experimental.stateless_fold_in(base_seed, client)
     initial = [tf.identity(w) for w in weights.trainable]
     non_trainable = list(weights.non_trainable)
@@ -118,16 +130,17 @@ def build_dp_sgd_client_work(model: tff.learning.models.FunctionalModel, *, elem
       noised = [s + tf.random.stateless_normal(tf.shape(s), noise_seeds[i], stddev=stddev,
                                                dtype=s.dtype)
                 for i, s in enumerate(summed)]
-      return t + 1, [w - lr * g / batch for w, g in zip(trainable, noised)]
+      return t + 1, [w - lr * g / denominator for w, g in zip(trainable, noised)]
 
-    _, trained = tf.while_loop(lambda t, _: t < steps, step,
+    _, trained = tf.while_loop(lambda t, _: t < num_steps, step,
                                (tf.constant(0, tf.int64), initial))
     delta = [a - b for a, b in zip(initial, trained)]
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in delta])
     # TFF's convention: a non-finite update is zeroed and carries no weight.
     delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]
+    weight = tf.cast(n, tf.float32) if weight_by_size else tf.constant(1.0)
     return tff.learning.templates.ClientResult(
-        update=tuple(delta), update_weight=tf.cast(finite, tf.float32))
+        update=tuple(delta), update_weight=tf.cast(finite, tf.float32) * weight)
 
   if seeded:
 

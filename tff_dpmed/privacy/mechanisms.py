@@ -26,7 +26,7 @@ import dp_accounting
 
 from tff_dpmed.errors import UsageError
 from tff_dpmed.privacy import events
-from tff_dpmed.privacy.spec import DPMode, DPSpec, Sampling
+from tff_dpmed.privacy.spec import DPMode, DPSpec, LocalBatching, Sampling
 
 # Relative tolerance when comparing our noise multipliers with the ones TFF
 # records: TF Privacy computes them as float32 stddev / clip.
@@ -103,6 +103,10 @@ class Mechanism(abc.ABC):
   def client_level(self) -> Optional["Mechanism"]:
     """A second, client-level mechanism at the server (example mode), or None."""
     return None
+
+  def weights_updates_by_size(self) -> bool:
+    """Whether the server averages updates weighted by n_k, not uniformly."""
+    return False
 
   def compositions(self, rounds: int, max_participation: int) -> int:
     """How many accounting steps `rounds` rounds are for the worst-off unit."""
@@ -359,7 +363,7 @@ class ExampleDPSGD(Mechanism):
     release = self.release_event()
     if self.spec.noise_multiplier == 0 or not self.amplified:
       return dp_accounting.NonPrivateDpEvent()
-    q = self.spec.batch_size / client_size
+    q = self.spec.sampling_rate(client_size)
     return release if q >= 1 else dp_accounting.PoissonSampledDpEvent(q, release)
 
   @property
@@ -369,8 +373,17 @@ class ExampleDPSGD(Mechanism):
 
   def accounting_terms(self, single_gaussian: bool = False):
     del single_gaussian  # Already single Gaussians.
-    return [(self.step_event(n), self.spec.local_steps(n))
-            for n in sorted(set(self.spec.client_sizes))]
+    terms = []
+    for n in sorted(set(self.spec.client_sizes)):
+      term = (self.step_event(n), self.spec.local_steps(n))
+      if term not in terms:  # One term for all sizes under a fixed rate.
+        terms.append(term)
+    return terms
+
+  def weights_updates_by_size(self) -> bool:
+    """Whether the server averages updates weighted by n_k (public), not uniformly."""
+    return (self.spec.local_batching is LocalBatching.FIXED_RATE
+            and self._client_level is None)
 
   def check_cohort(self, cohort_size: int) -> None:
     # Example-level accounting counts every round for every client; the
@@ -387,9 +400,15 @@ class ExampleDPSGD(Mechanism):
   def client_work(self, model, element_type, learning_rate: float):
     from tff_dpmed.privacy import example_dp  # TFF: only when a process is built.
     s = self.spec
+    fixed_rate = s.local_batching is LocalBatching.FIXED_RATE
+    any_size = s.client_sizes[0]  # Under a fixed rate, rate and steps are the same for all.
     return example_dp.build_dp_sgd_client_work(
-        model, element_type=element_type, clip=s.clip, noise_multiplier=s.noise_multiplier, batch_size=s.batch_size,
-        local_epochs=s.local_epochs, learning_rate=learning_rate, seed=s.noise_seed)
+        model, element_type=element_type, clip=s.clip, noise_multiplier=s.noise_multiplier,
+        batch_size=s.batch_size, local_epochs=s.local_epochs, learning_rate=learning_rate,
+        seed=s.noise_seed,
+        sampling_rate=s.sampling_rate(any_size) if fixed_rate else None,
+        steps=s.local_steps(any_size) if fixed_rate else None,
+        weight_by_size=self.weights_updates_by_size())
 
   def clip_norm(self, aggregator_metrics):
     del aggregator_metrics

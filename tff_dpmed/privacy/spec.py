@@ -40,6 +40,15 @@ class Accountant(str, enum.Enum):
   PLD = "pld"
 
 
+class LocalBatching(str, enum.Enum):
+  """How DP-SGD's local batches scale with a hospital's size (example mode)."""
+  # Expected batch B everywhere: rate B / n_k, so the smallest hospital is the worst off.
+  FIXED_SIZE = "fixed_size"
+  # One rate q = B K / sum n_k everywhere (expected batch q n_k): every hospital has the
+  # epsilon of one, and the server weights updates by n_k.
+  FIXED_RATE = "fixed_rate"
+
+
 class ClipMode(str, enum.Enum):
   ADAPTIVE = "adaptive"
   FIXED = "fixed"
@@ -123,6 +132,8 @@ class DPSpec:
       `local_steps(n_k)` = ceil(E n_k / B) DP-SGD steps per round.
     client_sizes: Example mode: n_k of every client, in client order. Treated
       as public, as DP-SGD treats its data set size.
+    local_batching: Example mode: fixed_size (rate B / n_k) or fixed_rate (one
+      rate B K / sum n_k, so B is the batch of a hospital of average size).
     client_dp: Example mode: the client-level layer at the server as well
       (central: clip each client update to `server_clip` and add
       N(0, (server_noise_multiplier * server_clip)^2) to the sum), or none.
@@ -145,6 +156,7 @@ class DPSpec:
   local_epochs: int = 1
   client_sizes: tuple = ()
   client_dp: DPMode = DPMode.NONE
+  local_batching: LocalBatching = LocalBatching.FIXED_SIZE
   server_noise_multiplier: Optional[float] = None
   server_clip: Optional[float] = None
 
@@ -156,6 +168,7 @@ class DPSpec:
     set_field("clip_mode", _enum(ClipMode, self.clip_mode, "clip_mode"))
     set_field("client_dp", _enum(DPMode, self.client_dp, "client_dp"))
     set_field("client_sizes", tuple(self.client_sizes))  # Hashable, from JSON lists too.
+    set_field("local_batching", _enum(LocalBatching, self.local_batching, "local_batching"))
     n = _integer(self.num_clients, "num_clients")
     if n < 1:
       raise UsageError(f"--num_clients={n} must be at least 1: pass the number of clients")
@@ -234,7 +247,12 @@ class DPSpec:
         raise ValueError(f"{len(sizes)} client sizes for {self.num_clients} clients")
       if min(sizes) < 1:
         raise UsageError("a client has no examples: every client needs at least one")
-      if b > min(sizes):
+      if self.local_batching is LocalBatching.FIXED_RATE and b * len(sizes) > sum(sizes):
+        raise UsageError(
+            f"the batch size {b} is larger than the average client ({sum(sizes) / len(sizes):.1f} "
+            "examples): with --local_batching=fixed_rate every client samples at rate "
+            "B * clients / examples, which must be <= 1; lower --client_batch_size")
+      if self.local_batching is LocalBatching.FIXED_SIZE and b > min(sizes):
         raise UsageError(
             f"the batch size {b} is larger than the smallest client ({min(sizes)} "
             f"examples): Poisson sampling joins each example with probability B / n_k, "
@@ -265,8 +283,19 @@ class DPSpec:
     set_field("server_noise_multiplier", z)
     set_field("server_clip", clip)
 
+  def sampling_rate(self, client_size: int) -> float:
+    """Example mode: the Poisson rate of a client with `client_size` examples."""
+    if self.local_batching is LocalBatching.FIXED_RATE:
+      return self.batch_size * len(self.client_sizes) / sum(self.client_sizes)
+    return self.batch_size / client_size
+
   def local_steps(self, client_size: int) -> int:
-    """Example mode: DP-SGD steps per round of a client with `client_size` examples."""
+    """Example mode: DP-SGD steps per round of a client with `client_size` examples:
+    its local epochs at its expected batch, rounded up."""
+    if self.local_batching is LocalBatching.FIXED_RATE:
+      # ceil(E / q) in integers: E * sum(n) / (B * K), rounded up.
+      return -(-self.local_epochs * sum(self.client_sizes)
+               // (self.batch_size * len(self.client_sizes)))
     return -(-self.local_epochs * client_size // self.batch_size)
 
   def client_level_spec(self) -> Optional["DPSpec"]:
