@@ -162,7 +162,7 @@ def test_dp_sgd_federated_round_and_central_epochs(data_dir, tff_runtime, tmp_pa
 
   entry = bench_dp_sgd.measure(setup, repetitions=1, show_progress=False)
   res = entry["results"]
-  assert set(res) == {"federated", "federated, data from files", *bench_dp_sgd.KERAS}
+  assert set(res) == {bench_dp_sgd.FEDERATED, bench_dp_sgd.EMBEDDED, *bench_dp_sgd.KERAS}
   for r in res.values():
     assert len(r["wall_s"]) == len(r["cpu_s"]) == 1 and r["wall_s"][0] > 0 and r["first_s"] > 0
   steps = sum(math.ceil(len(p) / 16) for p in setup.run.partitions)
