@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tff_dpmed.data.preprocess import preprocess_images
+from tff_dpmed.data.preprocess import model_inputs, preprocess_images
 from tff_dpmed.data.types import DatasetInfo
 from tff_dpmed.errors import UsageError
 
@@ -265,7 +265,7 @@ def make_whole_client_data(images: np.ndarray, labels: np.ndarray,
     indices = flat_t[offsets_t[client]:offsets_t[client + 1]]
     x = tf.gather(images_t, indices)
     return tf.data.Dataset.from_tensors(collections.OrderedDict(
-        x=preprocess_images(x) if x.dtype == tf.uint8 else x,
+        x=model_inputs(x),
         y=preprocess_labels(tf.gather(labels_t, indices), info),
         client=client))
 
@@ -279,7 +279,7 @@ def _whole_clients_from_files(images, labels, flat, offsets, info, folder: str,
   for i, client in enumerate(client_ids):
     indices = flat[offsets[i]:offsets[i + 1]]
     x = images[indices]
-    tensors = {"x": preprocess_images(x) if x.dtype == np.uint8 else tf.constant(x),
+    tensors = {"x": model_inputs(x),
                "y": preprocess_labels(labels[indices], info)}
     for name, tensor in tensors.items():
       dtypes[name] = tensor.dtype

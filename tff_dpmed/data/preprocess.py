@@ -21,3 +21,10 @@ def preprocess_images(images) -> tf.Tensor:
     raise UsageError(f"images to preprocess have dtype {images.dtype.name}, expected uint8: "
                      "load them with tff_dpmed.data (which returns uint8)")
   return tf.cast(images, tf.float32) / 255.0
+
+
+def model_inputs(images_or_features) -> tf.Tensor:
+  """What a model takes: uint8 images preprocessed, float32 features (a feature
+  model's head, see `models.feature_stage`) as they are."""
+  x = tf.convert_to_tensor(images_or_features)
+  return preprocess_images(x) if x.dtype == tf.uint8 else x

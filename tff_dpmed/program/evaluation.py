@@ -5,7 +5,7 @@ from sklearn import metrics as sk_metrics
 import tensorflow as tf
 
 from tff_dpmed import models
-from tff_dpmed.data.preprocess import preprocess_images
+from tff_dpmed.data.preprocess import model_inputs, preprocess_images
 from tff_dpmed.data.types import DatasetInfo
 
 
@@ -46,10 +46,7 @@ def evaluate(keras_model, info: DatasetInfo, images, labels) -> dict:
   loss_fn = models.loss_for(info)
   probs, loss_sum = [], 0.0
   for start in range(0, len(images), 512):
-    batch_inputs = images[start:start + 512]
-    # uint8 images are preprocessed; float32 features (a feature model's head) are not.
-    logits = keras_model(preprocess_images(batch_inputs) if batch_inputs.dtype == np.uint8
-                         else batch_inputs, training=False)
+    logits = keras_model(model_inputs(images[start:start + 512]), training=False)
     batch = labels[start:start + 512]
     target = batch.astype(np.float32) if info.multi_label else batch
     loss_sum += float(loss_fn(target, logits)) * len(batch)
