@@ -14,7 +14,6 @@ from its checkpoint, so the study itself resumes where it stopped.
 
 import csv
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -28,6 +27,7 @@ from absl import flags
 import tqdm
 
 from tff_dpmed import files
+from experiments import runner
 
 _RUNS = flags.DEFINE_integer("runs", 3, "Independent runs per recipe.")
 _ONLY = flags.DEFINE_list("only", [], "Run only these recipes (default: all).")
@@ -72,58 +72,39 @@ def _fixed_rate(batch: int, lr: float, rounds: int) -> tuple:
   return _scatter(batch, lr, rounds) + ("--local_batching=fixed_rate",)
 
 
-# Tuned on val (see README); the non-private rows are the same recipes with z = 0.
+def _three(name: str, dataset: str, partition: str, flags: tuple) -> tuple:
+  """A recipe at eps 3 and eps 1, and the same recipe with z = 0 (not private)."""
+  return tuple(Recipe(f"{name}_{suffix}", dataset, partition, target, flags)
+               for suffix, target in (("eps3", 3.0), ("eps1", 1.0), ("nodp", None)))
+
+
+# Tuned on val (see README).
 RECIPES = (
-    Recipe("pneumonia_iid_eps3", "pneumoniamnist", "iid", 3.0, _scatter(128, 4.0, 20)),
-    Recipe("pneumonia_iid_eps1", "pneumoniamnist", "iid", 1.0, _scatter(128, 4.0, 20)),
-    Recipe("pneumonia_iid_nodp", "pneumoniamnist", "iid", None, _scatter(128, 4.0, 20)),
+    *_three("pneumonia_iid", "pneumoniamnist", "iid", _scatter(128, 4.0, 20)),
     # Non-IID: one sampling rate for all hospitals and a size-weighted mean,
     # B=256 (the best of seven tried on val at eps 1)...
-    Recipe("pneumonia_dirichlet_b256_eps3", "pneumoniamnist", "dirichlet", 3.0,
-           _fixed_rate(256, 4.0, 20)),
-    Recipe("pneumonia_dirichlet_b256_eps1", "pneumoniamnist", "dirichlet", 1.0,
-           _fixed_rate(256, 4.0, 20)),
-    Recipe("pneumonia_dirichlet_b256_nodp", "pneumoniamnist", "dirichlet", None,
-           _fixed_rate(256, 4.0, 20)),
+    *_three("pneumonia_dirichlet_b256", "pneumoniamnist", "dirichlet",
+            _fixed_rate(256, 4.0, 20)),
     # ...and the IID recipe, B=128, as first tried (it missed at eps 1).
-    Recipe("pneumonia_dirichlet_eps3", "pneumoniamnist", "dirichlet", 3.0,
-           _fixed_rate(128, 4.0, 20)),
-    Recipe("pneumonia_dirichlet_eps1", "pneumoniamnist", "dirichlet", 1.0,
-           _fixed_rate(128, 4.0, 20)),
-    Recipe("pneumonia_dirichlet_nodp", "pneumoniamnist", "dirichlet", None,
-           _fixed_rate(128, 4.0, 20)),
+    *_three("pneumonia_dirichlet", "pneumoniamnist", "dirichlet", _fixed_rate(128, 4.0, 20)),
     # The same split with a fixed expected batch of 32 in every hospital (the
     # best of three tried): its 72-image hospital sets everyone's noise.
-    Recipe("pneumonia_dirichlet_fixed_size_eps3", "pneumoniamnist", "dirichlet", 3.0,
-           _scatter(32, 2.0, 10)),
-    Recipe("pneumonia_dirichlet_fixed_size_eps1", "pneumoniamnist", "dirichlet", 1.0,
-           _scatter(32, 2.0, 10)),
-    Recipe("pneumonia_dirichlet_fixed_size_nodp", "pneumoniamnist", "dirichlet", None,
-           _scatter(32, 2.0, 10)),
-    Recipe("breast_iid_eps3", "breastmnist", "iid", 3.0, _scatter(32, 2.0, 30)),
-    Recipe("breast_iid_eps1", "breastmnist", "iid", 1.0, _scatter(32, 2.0, 30)),
-    Recipe("breast_iid_nodp", "breastmnist", "iid", None, _scatter(32, 2.0, 30)),
+    *_three("pneumonia_dirichlet_fixed_size", "pneumoniamnist", "dirichlet",
+            _scatter(32, 2.0, 10)),
+    *_three("breast_iid", "breastmnist", "iid", _scatter(32, 2.0, 30)),
 )
-
-
-def _summary(run_dir: str) -> Optional[dict]:
-  path = os.path.join(run_dir, "summary.json")
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
 
 
 def _run(recipe: Recipe, run: int, data_dir: Optional[str], output_dir: str) -> dict:
   runs_dir = os.path.join(output_dir, "runs")
   run_dir = os.path.join(runs_dir, f"{recipe.name}_r{run}")
-  summary = _summary(run_dir)
+  summary = runner.read_summary(run_dir)
   if summary is None:
     os.makedirs(runs_dir, exist_ok=True)
     with open(run_dir + ".log", "w", encoding="utf-8") as log:
       proc = subprocess.run(recipe.command(data_dir, runs_dir, run), stdout=log,
                             stderr=subprocess.STDOUT, check=False)
-    summary = _summary(run_dir)
+    summary = runner.read_summary(run_dir)
     if proc.returncode != 0 or summary is None:
       raise RuntimeError(f"{recipe.name} run {run} failed (exit {proc.returncode}): see "
                          f"{run_dir}.log")
