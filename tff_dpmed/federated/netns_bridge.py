@@ -37,6 +37,7 @@ import socket
 import struct
 import sys
 import time
+import warnings
 
 ARGV_ENV = "TFF_DPMED_WORKER_ARGV"
 _PR_SET_PDEATHSIG = 1
@@ -47,6 +48,7 @@ _CHUNK_BYTES = 1 << 18
 EXIT_NOT_ISOLATED = 3
 EXIT_ORPHANED = 4
 EXIT_EXEC_FAILED = 127
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 def _log(message: str) -> None:
@@ -90,6 +92,8 @@ async def _forward(port: int, client_reader, client_writer) -> None:
            asyncio.ensure_future(_pump(upstream_reader, client_writer))]
   try:
     await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+  except asyncio.CancelledError:
+    pass  # The forwarder is stopping. A cancelled task would log a traceback (Python 3.11).
   finally:
     for pump in pumps:
       pump.cancel()
@@ -101,7 +105,7 @@ async def _serve(socket_path: str, port: int, ready_timeout_s: float) -> None:
   """Waits for the binary's port, then forwards the Unix socket to it until SIGTERM."""
   loop = asyncio.get_running_loop()
   stop = asyncio.Event()
-  for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+  for signum in STOP_SIGNALS:
     loop.add_signal_handler(signum, stop.set)
   deadline = time.monotonic() + ready_timeout_s
   while not stop.is_set():
@@ -121,18 +125,35 @@ async def _serve(socket_path: str, port: int, ready_timeout_s: float) -> None:
   try:
     await stop.wait()
   finally:
+    _hold_stop_signals()
     server.close()
+
+
+def _hold_stop_signals() -> None:
+  """From the first stop on, further stop signals wait until the forwarder has exited.
+
+  The kernel sends the die-with-parent signal each time the forwarder's parent
+  *thread* exits, then moves it to another live thread of the binary; so a
+  killed multi-threaded binary sends a burst of SIGTERMs. Once asyncio.run
+  has closed its loop they would meet the default action and kill the
+  forwarder between removing the socket and removing its folder.
+  """
+  signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 def _exit_cleanly(signum, frame) -> None:
   """Until asyncio takes over the stop signals: leave through _run_forwarder's cleanup."""
   del signum, frame
+  _hold_stop_signals()
   raise SystemExit(0)
 
 
 def _run_forwarder(socket_path: str, port: int, binary_pid: int, ready_timeout_s: float):
   """The forked child: forwards until the binary (its parent) is gone; never returns."""
   code = 0
+  # A stop signal can cut asyncio.run short and leave '_serve was never awaited' on
+  # stderr, the worker's log, whose last line must stay the binary's own reason.
+  warnings.simplefilter("ignore")
   try:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -144,6 +165,7 @@ def _run_forwarder(socket_path: str, port: int, binary_pid: int, ready_timeout_s
     _log(f"forwarder failed: {e!r}")
     code = 1
   finally:
+    _hold_stop_signals()
     _remove_socket(socket_path)
     os._exit(code)  # Never back into the code that execs the binary.
 
@@ -176,10 +198,9 @@ def main() -> int:
   sys.stderr.flush()
   # Stop signals are held across the fork, so the forwarder cannot be ended by
   # one (default action: no cleanup) before its own handler is in place.
-  stop_signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-  previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+  previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
   if os.fork() == 0:
-    for signum in stop_signals:
+    for signum in STOP_SIGNALS:
       signal.signal(signum, _exit_cleanly)
     signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     _run_forwarder(args.socket, args.port, binary_pid, args.ready_timeout_s)
