@@ -13,7 +13,11 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MODE_STYLE = {"central": {"color": "tab:blue", "marker": "o", "label": "central DP"},
               "local": {"color": "tab:red", "marker": "s", "label": "local DP"},
-              "none": {"color": "0.3", "marker": None, "label": "no DP"}}
+              "none": {"color": "0.3", "marker": None, "label": "no DP"},
+              "example": {"color": "tab:green", "marker": "^", "label": "example-level DP"}}
+# Lines of the frontier figure, several per mode (one per recipe row).
+_ROW_COLORS = ("tab:green", "tab:olive", "tab:blue", "tab:cyan", "tab:red", "tab:purple",
+               "tab:brown", "tab:pink")
 
 
 def _finite(values) -> list:
@@ -78,6 +82,45 @@ def plot_privacy_utility(groups: Sequence[dict], path: str, title: str = "") -> 
     ax.legend(fontsize=8)
   if title:
     fig.suptitle(textwrap.fill(title, 140), fontsize=9)
+  _save(fig, path)
+
+
+def plot_frontier(series: Sequence[dict], path: str, title: str = "") -> None:
+  """Test AUC against calibrated epsilon (log axis), one line per recipe row.
+
+  Each of `series` has "label", "mode", "points" (a list of (epsilon,
+  [test AUC per run]), epsilon being the largest over the runs) and
+  "baseline" (test AUCs of the same recipe at z = 0, or None): drawn as a
+  dashed line at its mean with a ±sd band in the row's colour. Error bars are
+  the sd over runs.
+  """
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for i, row in enumerate(series):
+    color = _ROW_COLORS[i % len(_ROW_COLORS)]
+    marker = MODE_STYLE.get(row["mode"], {}).get("marker") or "o"
+    pts = [(eps, *_mean_std(aucs)) for eps, aucs in row["points"] if _finite(aucs)]
+    if pts:
+      ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                  color=color, marker=marker, capsize=3, label=row["label"])
+    if row.get("baseline"):
+      m, s = _mean_std(row["baseline"])
+      if math.isfinite(m):
+        ax.axhline(m, color=color, linestyle="--", linewidth=1,
+                   label=f"{row['label']}, no noise: {m:.3f}")
+        ax.axhspan(m - s, m + s, color=color, alpha=0.12, linewidth=0)
+  ax.axhline(0.5, color="0.6", linestyle=":", linewidth=1, label="chance (0.5)")
+  ax.set_xscale("log")
+  _plain_log_ticks(ax)
+  ax.set_xlabel("ε at the run's δ (each row's own privacy unit; log scale)")
+  ax.set_ylabel("test AUC (best-val round)")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7)
+  if title:
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
+  _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -122,6 +165,4 @@ def plot_training_curves(curves: dict, path: str, title: str = "") -> None:
   ax.legend(fontsize=8)
   if title:
     ax.set_title(textwrap.fill(title, 90), fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path)

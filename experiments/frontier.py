@@ -1,0 +1,194 @@
+"""The calibrated privacy-utility frontier: test AUC at target epsilons, per privacy unit.
+
+  python -m experiments.frontier [--runs=3] [--target_epsilons=0.5,1,2,4,8]
+      [--only=pneumonia_iid_example,...] [--data_dir=...]
+      [--output_dir=experiments/results/frontier] [--quick]
+
+Each row of the study is one recipe (a privacy unit and placement, a dataset
+and a split), tuned once on val and documented in ROWS. It runs at every
+target epsilon, its noise calibrated by the trainer for its own rounds and
+sampling (`--target_epsilon`), and once more with z = 0: the same recipe
+without noise. Every level runs `--runs` times, unseeded; the table gives
+the test AUC of each run's best-val round, mean ± sd. A target no noise can
+reach is a row that says so.
+
+Outputs in --output_dir: results.md and results.csv (updated after every
+level, so a stopped study keeps what it finished), frontier_<dataset>.png
+(test AUC against epsilon on a log axis, one line per row, the non-private
+runs as bands) and curves_<dataset>.png (val AUC per round). Rerunning the
+command reuses finished runs and resumes a killed one from its checkpoint.
+`--quick` is a two-run smoke test (one row, epsilon 3 and z = 0, 2 rounds).
+"""
+
+import dataclasses
+import os
+import shlex
+import sys
+import time
+from typing import Optional
+
+from absl import app
+from absl import flags
+import tqdm
+
+from tff_dpmed.program import metrics_log
+from experiments import plots
+from experiments import recipes
+from experiments.recipes import Recipe
+
+_RUNS = flags.DEFINE_integer("runs", 3, "Independent (unseeded) runs per level.")
+_TARGETS = flags.DEFINE_list("target_epsilons", ["0.5", "1", "2", "4", "8"],
+                             "Target epsilons (each row's own unit, at its delta).")
+_ONLY = flags.DEFINE_list("only", [], "Run only these rows (default: all).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "MedMNIST folder (default: the trainer's).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join("experiments", "results", "frontier"),
+                                  "Where the runs, the table and the figures go.")
+_QUICK = flags.DEFINE_bool("quick", False, "Smoke test: one row, epsilon 3 and z = 0, "
+                           "2 rounds, 1 run.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One line of the frontier: a tuned recipe, run at every target epsilon and at z = 0."""
+  name: str
+  label: str        # For the figures.
+  dataset: str
+  partition: str
+  mode: str
+  flags: tuple
+  why: str          # Where the recipe comes from.
+
+  def recipe(self, target: Optional[float]) -> Recipe:
+    level = f"eps{target:g}" if target is not None else "nodp"
+    return Recipe(f"{self.name}_{level}", self.dataset, self.partition, self.mode, target,
+                  self.flags)
+
+
+def _shared(clients: int) -> tuple:
+  """Every hospital in every round (example-level accounting counts them all anyway)."""
+  return (f"--num_clients={clients}", f"--clients_per_round={clients}", "--sampling=all",
+          "--rounds_per_eval=2", "--server_learning_rate=1.0", "--server_momentum=0",
+          "--clip_mode=fixed", "--model=scatter_linear")
+
+
+def _example(batch: int, lr: float, rounds: int, *extra: str, clients: int = 10) -> tuple:
+  return _shared(clients) + (f"--client_batch_size={batch}", f"--client_learning_rate={lr:g}",
+                             f"--rounds={rounds}", "--clip=1", *extra)
+
+
+ROWS = (
+    Row("pneumonia_iid_example", "example-level DP-SGD, 10 hospitals, IID", "pneumoniamnist",
+        "iid", "example", _example(128, 4.0, 20, "--client_epochs=1"),
+        "experiments.dp_sgd_recipes pneumonia_iid"),
+    Row("pneumonia_dirichlet_example", "example-level DP-SGD, 10 hospitals, Dirichlet 0.5",
+        "pneumoniamnist", "dirichlet", "example",
+        _example(256, 4.0, 40, "--client_epochs=1", "--local_batching=fixed_rate"),
+        "experiments.dp_sgd_recipes pneumonia_dirichlet_b256_r40"),
+    # One data holder with all the data: DP-SGD as a central trainer runs it
+    # (Poisson batches over the whole train split, one epoch per round), the
+    # upper bound the federated rows are measured against.
+    Row("pneumonia_central_dp_sgd", "central DP-SGD reference (1 data holder)",
+        "pneumoniamnist", "iid", "example", _example(128, 4.0, 20, "--client_epochs=1",
+                                                     clients=1),
+        "the pneumonia_iid_example recipe with one client"),
+    Row("breast_iid_example", "example-level DP-SGD, 10 hospitals, IID", "breastmnist", "iid",
+        "example", _example(32, 2.0, 30, "--client_epochs=1"),
+        "experiments.dp_sgd_recipes breast_iid"),
+    Row("breast_central_dp_sgd", "central DP-SGD reference (1 data holder)", "breastmnist",
+        "iid", "example", _example(32, 2.0, 30, "--client_epochs=1", clients=1),
+        "the breast_iid_example recipe with one client"),
+)
+
+
+def _quick_row() -> Row:
+  row = next(r for r in ROWS if r.name == "breast_iid_example")  # The smallest dataset.
+  return dataclasses.replace(row, name="quick", flags=row.flags + ("--rounds=2",))
+
+
+def _curve(run_dir: str) -> dict:
+  return {int(r["round"]): float(r["val_auc"]) for r in metrics_log.read_metrics(run_dir)
+          if r.get("val_auc") not in (None, "")}
+
+
+def _figures(rows: list, done: dict, output_dir: str) -> None:
+  """frontier_<dataset>.png and curves_<dataset>.png from the finished levels."""
+  for dataset in sorted({r.dataset for r in rows}):
+    series, curves = [], {}
+    for row in [r for r in rows if r.dataset == dataset]:
+      points, baseline = [], None
+      for (name, target), summaries in done.items():
+        if name != row.name or not summaries:
+          continue
+        aucs = recipes.test_aucs(summaries)
+        if target is None:
+          baseline = aucs
+        else:
+          points.append((max(s["privacy"]["epsilon"] for s in summaries), aucs))
+        if target in (None, 3.0):
+          curves[f"{row.label}, " + ("no noise" if target is None else "ε=3")] = {
+              "mode": row.mode, "runs": [_curve(s["run_dir"]) for s in summaries]}
+      series.append({"label": row.label, "mode": row.mode, "points": sorted(points),
+                     "baseline": baseline})
+    plots.plot_frontier(series, os.path.join(output_dir, f"frontier_{dataset}.png"),
+                        title=f"{dataset}: test AUC at calibrated ε (mean ± sd over runs)")
+    plots.plot_training_curves(curves, os.path.join(output_dir, f"curves_{dataset}.png"),
+                               title=f"{dataset}: val AUC per round")
+
+
+def main(argv) -> None:
+  del argv
+  start = time.time()
+  if _QUICK.value:
+    rows, targets, runs = [_quick_row()], [3.0], 1
+  else:
+    unknown = set(_ONLY.value) - {r.name for r in ROWS}
+    if unknown:
+      raise app.UsageError(f"--only: unknown rows {', '.join(sorted(unknown))}; use "
+                           f"{', '.join(r.name for r in ROWS)}")
+    rows = [r for r in ROWS if not _ONLY.value or r.name in _ONLY.value]
+    try:
+      targets = sorted({float(t) for t in _TARGETS.value})
+    except ValueError:
+      raise app.UsageError(f"--target_epsilons={','.join(_TARGETS.value)}: give numbers, "
+                           "e.g. 0.5,1,2,4,8") from None
+    if not targets or min(targets) <= 0:
+      raise app.UsageError("--target_epsilons must be numbers > 0, e.g. 0.5,1,2,4,8")
+    runs = _RUNS.value
+  output_dir = _OUTPUT_DIR.value
+  os.makedirs(output_dir, exist_ok=True)
+  command = shlex.join(["python", "-m", "experiments.frontier", *sys.argv[1:]])
+  levels = [(row, target) for row in rows for target in [*targets, None]]
+  table, done = [], {}
+  progress = tqdm.tqdm(total=len(levels) * runs, desc="frontier runs", unit="run",
+                       dynamic_ncols=True)
+  for row, target in levels:
+    recipe = row.recipe(target)
+    summaries = []
+    try:
+      for run in range(runs):
+        summary = recipes.run_recipe(recipe, run, _DATA_DIR.value, output_dir)
+        summary["run_dir"] = os.path.join(output_dir, "runs", f"{recipe.name}_r{run}")
+        summaries.append(summary)
+        progress.update()
+    except recipes.Unreachable as e:
+      progress.update(runs - len(summaries))
+      table.append(recipes.unreachable_row(recipe, str(e)))
+    else:
+      done[(row.name, target)] = summaries
+      table.append(recipes.row(recipe, summaries))
+    recipes.write_table(table, output_dir, [
+        "# Privacy-utility frontier at calibrated epsilon", "",
+        f"`{command}`: {(time.time() - start) / 60:.1f} min of wall time for this invocation "
+        "on this machine (2 cores; finished runs are reused).",
+        "Each level is the row's recipe with its noise calibrated to the target (or z = 0), "
+        f"{runs} unseeded run(s); test AUC at each run's best-val round, mean ± sd. Epsilon "
+        "is in the row's privacy unit (privacy_unit) at its delta.", "",
+        "Recipes: " + "; ".join(f"`{r.name}` from {r.why}" for r in rows) + "."])
+    _figures(rows, done, output_dir)
+  progress.close()
+  print(f"frontier: {len(table)} levels in {(time.time() - start) / 60:.1f} min; "
+        f"{os.path.join(output_dir, 'results.md')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

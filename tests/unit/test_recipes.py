@@ -1,0 +1,73 @@
+"""The recipe runner of the example-level and frontier studies, without training."""
+
+import csv
+import json
+import os
+import sys
+
+import pytest
+
+from experiments import frontier
+from experiments import recipes
+from experiments.recipes import Recipe
+
+
+def _recipe(target=3.0, partition="dirichlet"):
+  return Recipe("r", "pneumoniamnist", partition, "example", target, ("--rounds=2",))
+
+
+def test_command_sets_mode_noise_and_split():
+  cmd = _recipe().command("/data", "/out/runs", 1)
+  assert cmd[1:3] == ["-m", "tff_dpmed.train"]
+  for flag in ("--dp_mode=example", "--target_epsilon=3", "--partition=dirichlet",
+               "--dirichlet_alpha=0.5", "--rounds=2", "--experiment_name=r_r1",
+               "--output_dir=/out/runs", "--data_dir=/data"):
+    assert flag in cmd
+  plain = _recipe(target=None, partition="iid").command(None, "/o", 0)
+  assert "--noise_multiplier=0" in plain and not any("target_epsilon" in f for f in plain)
+  assert not any("dirichlet" in f or "data_dir" in f for f in plain)
+
+
+def _fake_trainer(monkeypatch, script):
+  monkeypatch.setattr(Recipe, "command", lambda self, *a: [sys.executable, "-c", script])
+
+
+def test_unreachable_target_is_a_row_not_a_crash(tmp_path, monkeypatch):
+  _fake_trainer(monkeypatch, "print('error: target epsilon 0.5 is not reachable: even "
+                "noise_multiplier=1e+04 gives epsilon 9'); raise SystemExit(2)")
+  with pytest.raises(recipes.Unreachable, match="0.5 is not reachable"):
+    recipes.run_recipe(_recipe(0.5), 0, None, str(tmp_path))
+  row = recipes.unreachable_row(_recipe(0.5), "why")
+  assert row["epsilon"] == "unreachable" and row["target_epsilon"] == "0.5"
+
+
+def test_other_failures_name_the_log(tmp_path, monkeypatch):
+  _fake_trainer(monkeypatch, "print('error: --clip must be > 0'); raise SystemExit(2)")
+  with pytest.raises(RuntimeError, match=r"exit 2.*r_r0\.log"):
+    recipes.run_recipe(_recipe(), 0, None, str(tmp_path))
+
+
+def test_finished_run_is_reused_without_training(tmp_path, monkeypatch):
+  _fake_trainer(monkeypatch, "raise SystemExit(1)")  # Would fail if it ran.
+  run_dir = tmp_path / "runs" / "r_r0"
+  run_dir.mkdir(parents=True)
+  (run_dir / "summary.json").write_text(json.dumps({"test_auc": 0.9}))
+  assert recipes.run_recipe(_recipe(), 0, None, str(tmp_path)) == {"test_auc": 0.9}
+
+
+def test_table_has_every_rows_columns(tmp_path):
+  rows = [{"recipe": "a", "test_auc": "0.9"}, {"recipe": "b", "epsilon": "unreachable"}]
+  recipes.write_table(rows, str(tmp_path), ["# title"])
+  with open(tmp_path / "results.csv", encoding="utf-8") as f:
+    read = list(csv.DictReader(f))
+  assert [r["recipe"] for r in read] == ["a", "b"] and read[1]["epsilon"] == "unreachable"
+  md = (tmp_path / "results.md").read_text()
+  assert md.startswith("# title") and "| recipe | test_auc | epsilon |" in md
+
+
+def test_frontier_rows_are_distinct_and_each_level_has_its_own_run_name():
+  names = [r.name for r in frontier.ROWS]
+  assert len(set(names)) == len(names)
+  row = frontier.ROWS[0]
+  assert row.recipe(0.5).name != row.recipe(None).name
+  assert row.recipe(None).target_epsilon is None and row.recipe(2.0).target_epsilon == 2.0
