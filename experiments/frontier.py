@@ -43,6 +43,10 @@ _ONLY = flags.DEFINE_list("only", [], "Run only these rows (default: all).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "MedMNIST folder (default: the trainer's).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join("experiments", "results", "frontier"),
                                   "Where the runs, the table and the figures go.")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Train nothing: rebuild the table and figures from finished runs "
+    "(levels not finished are listed as such). For a study run as several processes, one "
+    "per --only subset, or stopped part-way.")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: one row, epsilon 3 and z = 0, "
                            "2 rounds, 1 run.")
 
@@ -186,7 +190,12 @@ def main(argv) -> None:
     summaries = []
     try:
       for run in range(runs):
-        summary = recipes.run_recipe(recipe, run, _DATA_DIR.value, output_dir)
+        if _REPORT_ONLY.value:
+          summary = recipes.finished_run(recipe, run, output_dir)
+          if summary is None:
+            break
+        else:
+          summary = recipes.run_recipe(recipe, run, _DATA_DIR.value, output_dir)
         summary["run_dir"] = os.path.join(output_dir, "runs", f"{recipe.name}_r{run}")
         summaries.append(summary)
         progress.update()
@@ -194,8 +203,11 @@ def main(argv) -> None:
       progress.update(runs - len(summaries))
       table.append(recipes.unreachable_row(recipe, str(e)))
     else:
-      done[(row.name, target)] = summaries
-      table.append(recipes.row(recipe, summaries))
+      if summaries:
+        done[(row.name, target)] = summaries
+        table.append(recipes.row(recipe, summaries))
+      else:
+        table.append(recipes.not_run_row(recipe))
     recipes.write_table(table, output_dir, [
         "# Privacy-utility frontier at calibrated epsilon", "",
         f"`{command}`: {(time.time() - start) / 60:.1f} min of wall time for this invocation "
@@ -204,7 +216,9 @@ def main(argv) -> None:
         f"{runs} unseeded run(s); test AUC at each run's best-val round, mean ± sd. Epsilon "
         "is in the row's privacy unit (privacy_unit) at its delta.", "",
         "Recipes: " + "; ".join(f"`{r.name}` from {r.why}" for r in rows) + "."])
-    _figures(rows, done, output_dir)
+    if not _REPORT_ONLY.value:
+      _figures(rows, done, output_dir)
+  _figures(rows, done, output_dir)
   progress.close()
   print(f"frontier: {len(table)} levels in {(time.time() - start) / 60:.1f} min; "
         f"{os.path.join(output_dir, 'results.md')}")

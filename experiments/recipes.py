@@ -57,28 +57,46 @@ def _error_line(log_path: str) -> str:
   return errors[-1] if errors else ""
 
 
+def _run_dir(recipe: Recipe, run: int, output_dir: str) -> str:
+  return os.path.join(output_dir, "runs", f"{recipe.name}_r{run}")
+
+
+def _check_reachable(log_path: str) -> None:
+  """Raises Unreachable if the run's log ends in the trainer's 'not reachable' error."""
+  error = _error_line(log_path) if os.path.exists(log_path) else ""
+  if any(h in error for h in _UNREACHABLE_HINTS):
+    raise Unreachable(error[len("error: "):])
+
+
+def finished_run(recipe: Recipe, run: int, output_dir: str) -> Optional[dict]:
+  """The summary of a finished run, None if it has not finished; Unreachable if refused."""
+  run_dir = _run_dir(recipe, run, output_dir)
+  summary = runner.read_summary(run_dir)
+  if summary is None:
+    _check_reachable(run_dir + ".log")
+  return summary
+
+
 def run_recipe(recipe: Recipe, run: int, data_dir: Optional[str], output_dir: str) -> dict:
   """Run `run` of `recipe` (or the summary of its finished run).
 
   Raises Unreachable when the trainer exits 2 because no noise reaches the
   target; any other failure is a RuntimeError naming the run's log.
   """
-  runs_dir = os.path.join(output_dir, "runs")
-  run_dir = os.path.join(runs_dir, f"{recipe.name}_r{run}")
+  run_dir = _run_dir(recipe, run, output_dir)
   summary = runner.read_summary(run_dir)
   if summary is not None:
     return summary
-  os.makedirs(runs_dir, exist_ok=True)
+  os.makedirs(os.path.dirname(run_dir), exist_ok=True)
   log_path = run_dir + ".log"
   with open(log_path, "w", encoding="utf-8") as log:
-    proc = subprocess.run(recipe.command(data_dir, runs_dir, run), stdout=log,
+    proc = subprocess.run(recipe.command(data_dir, os.path.dirname(run_dir), run), stdout=log,
                           stderr=subprocess.STDOUT, check=False)
   summary = runner.read_summary(run_dir)
   if proc.returncode == 0 and summary is not None:
     return summary
-  error = _error_line(log_path)
-  if proc.returncode == 2 and any(h in error for h in _UNREACHABLE_HINTS):
-    raise Unreachable(error[len("error: "):])
+  if proc.returncode == 2:
+    _check_reachable(log_path)
   raise RuntimeError(f"{recipe.name} run {run} failed (exit {proc.returncode}): see {log_path}")
 
 
@@ -121,6 +139,13 @@ def unreachable_row(recipe: Recipe, reason: str) -> dict:
   return {"recipe": recipe.name, "dataset": recipe.dataset, "partition": recipe.partition,
           "mode": recipe.mode, "target_epsilon": f"{recipe.target_epsilon:g}",
           "epsilon": "unreachable", "test_auc": f"– ({reason})"}
+
+
+def not_run_row(recipe: Recipe) -> dict:
+  return {"recipe": recipe.name, "dataset": recipe.dataset, "partition": recipe.partition,
+          "mode": recipe.mode,
+          "target_epsilon": f"{recipe.target_epsilon:g}" if recipe.target_epsilon else "–",
+          "epsilon": "not run yet", "test_auc": "–"}
 
 
 def write_table(rows: list, output_dir: str, header: list) -> None:

@@ -71,3 +71,14 @@ def test_frontier_rows_are_distinct_and_each_level_has_its_own_run_name():
   row = frontier.ROWS[0]
   assert row.recipe(0.5).name != row.recipe(None).name
   assert row.recipe(None).target_epsilon is None and row.recipe(2.0).target_epsilon == 2.0
+
+
+def test_finished_run_reads_summaries_and_refusals_without_training(tmp_path):
+  assert recipes.finished_run(_recipe(), 0, str(tmp_path)) is None
+  (tmp_path / "runs").mkdir()
+  (tmp_path / "runs" / "r_r0.log").write_text(
+      "note: ...\nerror: target epsilon 3 is not reachable: even noise_multiplier=1e+04\n")
+  with pytest.raises(recipes.Unreachable, match="not reachable"):
+    recipes.finished_run(_recipe(), 0, str(tmp_path))
+  row = recipes.not_run_row(_recipe(None))
+  assert row["epsilon"] == "not run yet" and row["target_epsilon"] == "–"
