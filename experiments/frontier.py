@@ -39,7 +39,7 @@ from experiments.recipes import Recipe
 _RUNS = flags.DEFINE_integer("runs", 3, "Independent (unseeded) runs per level.")
 _TARGETS = flags.DEFINE_list("target_epsilons", ["0.5", "1", "2", "4", "8"],
                              "Target epsilons (each row's own unit, at its delta).")
-_ONLY = flags.DEFINE_list("only", [], "Run only these rows (default: all).")
+_ONLY = flags.DEFINE_list("only", [], "Run only these rows, in this order (default: all).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "MedMNIST folder (default: the trainer's).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join("experiments", "results", "frontier"),
                                   "Where the runs, the table and the figures go.")
@@ -169,7 +169,8 @@ def main(argv) -> None:
     if unknown:
       raise app.UsageError(f"--only: unknown rows {', '.join(sorted(unknown))}; use "
                            f"{', '.join(r.name for r in ROWS)}")
-    rows = [r for r in ROWS if not _ONLY.value or r.name in _ONLY.value]
+    by_name = {r.name: r for r in ROWS}
+    rows = [by_name[n] for n in dict.fromkeys(_ONLY.value)] if _ONLY.value else list(ROWS)
     try:
       targets = sorted({float(t) for t in _TARGETS.value})
     except ValueError:
