@@ -1,6 +1,6 @@
 """The calibrated privacy-utility frontier: test AUC at target epsilons, per privacy unit.
 
-  python -m experiments.frontier [--runs=3] [--target_epsilons=0.5,1,2,4,8]
+  python -m experiments.frontier [--runs=3] [--target_epsilons=0.5,1,2,3,4,8]
       [--only=pneumonia_iid_example,...] [--data_dir=...]
       [--output_dir=experiments/results/frontier] [--quick]
 
@@ -37,7 +37,7 @@ from experiments import recipes
 from experiments.recipes import Recipe
 
 _RUNS = flags.DEFINE_integer("runs", 3, "Independent (unseeded) runs per level.")
-_TARGETS = flags.DEFINE_list("target_epsilons", ["0.5", "1", "2", "4", "8"],
+_TARGETS = flags.DEFINE_list("target_epsilons", ["0.5", "1", "2", "3", "4", "8"],
                              "Target epsilons (each row's own unit, at its delta).")
 _ONLY = flags.DEFINE_list("only", [], "Run only these rows, in this order (default: all).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "MedMNIST folder (default: the trainer's).")
@@ -159,6 +159,19 @@ def _figures(rows: list, done: dict, output_dir: str) -> None:
                                title=f"{dataset}: val AUC per round")
 
 
+def _glance(rows: list, targets: list, cells: dict) -> list:
+  """Markdown lines: one line per row, test AUC (mean ± sd) at each target and without noise."""
+  levels = [*targets, None]
+  lines = ["## At a glance: test AUC (mean ± sd over runs)", "",
+           "| row | unit | " + " | ".join(f"ε = {t:g}" for t in targets) + " | no noise |",
+           "|" + "---|" * (len(levels) + 2)]
+  for row in rows:
+    unit = "example" if row.mode == "example" else "hospital"
+    lines.append(f"| {row.label} (`{row.name}`) | {unit} | " +
+                 " | ".join(cells.get((row.name, t), "not run yet") for t in levels) + " |")
+  return lines + ["", "## Every level", ""]
+
+
 def main(argv) -> None:
   del argv
   start = time.time()
@@ -183,7 +196,7 @@ def main(argv) -> None:
   os.makedirs(output_dir, exist_ok=True)
   command = shlex.join(["python", "-m", "experiments.frontier", *sys.argv[1:]])
   levels = [(row, target) for row in rows for target in [*targets, None]]
-  table, done = [], {}
+  table, done, cells = [], {}, {}
   progress = tqdm.tqdm(total=len(levels) * runs, desc="frontier runs", unit="run",
                        dynamic_ncols=True)
   for row, target in levels:
@@ -203,10 +216,14 @@ def main(argv) -> None:
     except recipes.Unreachable as e:
       progress.update(runs - len(summaries))
       table.append(recipes.unreachable_row(recipe, str(e)))
+      cells[(row.name, target)] = "unreachable"
     else:
       if summaries:
         done[(row.name, target)] = summaries
         table.append(recipes.row(recipe, summaries))
+        cells[(row.name, target)] = (recipes.mean_sd(recipes.test_aucs(summaries)) +
+                                     (f" ({len(summaries)} of {runs})"
+                                      if len(summaries) < runs else ""))
       else:
         table.append(recipes.not_run_row(recipe))
     recipes.write_table(table, output_dir, [
@@ -216,7 +233,8 @@ def main(argv) -> None:
         "Each level is the row's recipe with its noise calibrated to the target (or z = 0), "
         f"{runs} unseeded run(s); test AUC at each run's best-val round, mean ± sd. Epsilon "
         "is in the row's privacy unit (privacy_unit) at its delta.", "",
-        "Recipes: " + "; ".join(f"`{r.name}` from {r.why}" for r in rows) + "."])
+        "Recipes: " + "; ".join(f"`{r.name}` from {r.why}" for r in rows) + ".", "",
+        *_glance(rows, targets, cells)])
     if not _REPORT_ONLY.value:
       _figures(rows, done, output_dir)
   _figures(rows, done, output_dir)
