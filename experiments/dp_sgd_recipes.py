@@ -13,6 +13,7 @@ from its checkpoint, so the study itself resumes where it stopped.
 """
 
 import os
+import sys
 import time
 
 from absl import app
@@ -107,5 +108,12 @@ def main(argv) -> None:
     print(" ".join(f"{k}={v}" for k, v in row.items()))
 
 
+def _main(argv) -> None:
+  try:
+    main(argv)
+  except recipes.Stopped as e:
+    sys.exit(f"stopped: {e}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(_main)

@@ -244,5 +244,12 @@ def main(argv) -> None:
         f"{os.path.join(output_dir, 'results.md')}")
 
 
+def _main(argv) -> None:
+  try:
+    main(argv)
+  except recipes.Stopped as e:
+    sys.exit(f"stopped: {e}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(_main)

@@ -47,6 +47,14 @@ class Recipe:
             "--progress=false", *((f"--data_dir={data_dir}",) if data_dir else ())]
 
 
+# The trainer's exit codes after SIGINT and SIGTERM: it saved a checkpoint first.
+_STOPPED_CODES = (130, 143)
+
+
+class Stopped(Exception):
+  """A run was stopped by a signal; rerunning the study resumes it from its checkpoint."""
+
+
 class Unreachable(Exception):
   """The trainer refused the recipe's target epsilon (its one-line error says why)."""
 
@@ -95,6 +103,9 @@ def run_recipe(recipe: Recipe, run: int, data_dir: Optional[str], output_dir: st
   summary = runner.read_summary(run_dir)
   if proc.returncode == 0 and summary is not None:
     return summary
+  if proc.returncode in _STOPPED_CODES:
+    raise Stopped(f"{recipe.name} run {run} was stopped (exit {proc.returncode}) after saving "
+                  "its checkpoint: rerun the same command to resume it")
   if proc.returncode == 2:
     _check_reachable(log_path)
   raise RuntimeError(f"{recipe.name} run {run} failed (exit {proc.returncode}): see {log_path}")

@@ -82,3 +82,9 @@ def test_finished_run_reads_summaries_and_refusals_without_training(tmp_path):
     recipes.finished_run(_recipe(), 0, str(tmp_path))
   row = recipes.not_run_row(_recipe(None))
   assert row["epsilon"] == "not run yet" and row["target_epsilon"] == "–"
+
+
+def test_a_run_stopped_by_a_signal_says_how_to_resume(tmp_path, monkeypatch):
+  _fake_trainer(monkeypatch, "raise SystemExit(143)")  # The trainer after SIGTERM.
+  with pytest.raises(recipes.Stopped, match="rerun the same command to resume"):
+    recipes.run_recipe(_recipe(), 0, None, str(tmp_path))
