@@ -47,8 +47,8 @@ class Recipe:
             "--progress=false", *((f"--data_dir={data_dir}",) if data_dir else ())]
 
 
-# The trainer's exit codes after SIGINT and SIGTERM: it saved a checkpoint first.
-_STOPPED_CODES = (130, 143)
+# The trainer stopped by SIGINT or SIGTERM (after its checkpoint, or before it began).
+_STOPPED_CODES = (130, 143, -2, -15)
 
 
 class Stopped(Exception):
