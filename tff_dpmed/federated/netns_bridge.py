@@ -18,8 +18,9 @@ The forwarder (a child of the binary) waits until the binary accepts TCP on
 127.0.0.1:PORT of the namespace, then listens on the Unix socket (its folder
 is the owner's 0700 temp folder, so only its user can connect) and pipes
 each connection to that port byte for byte, so gRPC passes through
-unchanged. Its die-with-parent signal is SIGTERM: when the binary exits or
-is killed, the forwarder removes the socket and its folder and exits.
+unchanged. Its die-with-parent signal is SIGTERM, and it also checks twice a
+second that the binary is still its parent: when the binary exits or is
+killed, the forwarder removes the socket and its folder and exits.
 
 The binary's command line comes in the environment, not in argv, so only
 the binary itself shows up as `worker_binary` in process listings.
@@ -101,32 +102,54 @@ async def _forward(port: int, client_reader, client_writer) -> None:
       writer.close()
 
 
-async def _serve(socket_path: str, port: int, ready_timeout_s: float) -> None:
-  """Waits for the binary's port, then forwards the Unix socket to it until SIGTERM."""
+# Set by a stop signal that comes before asyncio's handlers are in place.
+_stop_requested = False
+_PARENT_POLL_S = 0.5
+
+
+async def _watch_parent(binary_pid: int, stop: asyncio.Event) -> None:
+  """Stops the forwarder once the binary is gone, should its signal have been missed."""
+  while not stop.is_set():
+    if os.getppid() != binary_pid:
+      stop.set()
+    await asyncio.sleep(_PARENT_POLL_S)
+
+
+async def _serve(socket_path: str, port: int, binary_pid: int, ready_timeout_s: float) -> None:
+  """Waits for the binary's port, then forwards the Unix socket to it until stopped.
+
+  Stops on SIGTERM, SIGINT or SIGHUP, or when the binary (its parent) has exited.
+  """
   loop = asyncio.get_running_loop()
   stop = asyncio.Event()
   for signum in STOP_SIGNALS:
     loop.add_signal_handler(signum, stop.set)
-  deadline = time.monotonic() + ready_timeout_s
-  while not stop.is_set():
-    try:
-      _, writer = await asyncio.open_connection("127.0.0.1", port)
-      writer.close()
-      break
-    except OSError:
-      if time.monotonic() > deadline:
-        _log(f"the worker did not listen on 127.0.0.1:{port} within {ready_timeout_s:.0f}s")
-        return
-      await asyncio.sleep(0.02)
-  if stop.is_set():
-    return
-  server = await asyncio.start_unix_server(lambda r, w: _forward(port, r, w), path=socket_path)
-  os.chmod(socket_path, 0o600)
+  if _stop_requested:
+    stop.set()
+  watcher = asyncio.ensure_future(_watch_parent(binary_pid, stop))
+  server = None
   try:
+    deadline = time.monotonic() + ready_timeout_s
+    while not stop.is_set():
+      try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+        break
+      except OSError:
+        if time.monotonic() > deadline:
+          _log(f"the worker did not listen on 127.0.0.1:{port} within {ready_timeout_s:.0f}s")
+          return
+        await asyncio.sleep(0.02)
+    if stop.is_set():
+      return
+    server = await asyncio.start_unix_server(lambda r, w: _forward(port, r, w), path=socket_path)
+    os.chmod(socket_path, 0o600)
     await stop.wait()
   finally:
     _hold_stop_signals()
-    server.close()
+    watcher.cancel()
+    if server is not None:
+      server.close()
 
 
 def _hold_stop_signals() -> None:
@@ -141,26 +164,28 @@ def _hold_stop_signals() -> None:
   signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
-def _exit_cleanly(signum, frame) -> None:
-  """Until asyncio takes over the stop signals: leave through _run_forwarder's cleanup."""
+def _request_stop(signum, frame) -> None:
+  """Until asyncio takes over the stop signals: noted, and _serve stops at once.
+
+  Not an exception: raised inside asyncio.run's machinery, one left a task that
+  never finished and the forwarder waiting forever.
+  """
   del signum, frame
-  _hold_stop_signals()
-  raise SystemExit(0)
+  global _stop_requested
+  _stop_requested = True
 
 
 def _run_forwarder(socket_path: str, port: int, binary_pid: int, ready_timeout_s: float):
   """The forked child: forwards until the binary (its parent) is gone; never returns."""
   code = 0
-  # A stop signal can cut asyncio.run short and leave '_serve was never awaited' on
-  # stderr, the worker's log, whose last line must stay the binary's own reason.
+  # Nothing but _log may reach stderr, the worker's log, whose last line must stay
+  # the binary's own reason for failing.
   warnings.simplefilter("ignore")
   try:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() == binary_pid:  # Else the binary already died: nothing to serve.
-      asyncio.run(_serve(socket_path, port, ready_timeout_s))
-  except SystemExit:
-    pass  # A stop signal before asyncio's handlers: a normal stop.
+      asyncio.run(_serve(socket_path, port, binary_pid, ready_timeout_s))
   except BaseException as e:  # pylint: disable=broad-except
     _log(f"forwarder failed: {e!r}")
     code = 1
@@ -201,7 +226,7 @@ def main() -> int:
   previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
   if os.fork() == 0:
     for signum in STOP_SIGNALS:
-      signal.signal(signum, _exit_cleanly)
+      signal.signal(signum, _request_stop)
     signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     _run_forwarder(args.socket, args.port, binary_pid, args.ready_timeout_s)
   signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)  # The binary gets the old mask.
