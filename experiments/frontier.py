@@ -36,19 +36,25 @@ from experiments import plots
 from experiments import recipes
 from experiments.recipes import Recipe
 
-_RUNS = flags.DEFINE_integer("runs", 3, "Independent (unseeded) runs per level.")
-_TARGETS = flags.DEFINE_list("target_epsilons", ["0.5", "1", "2", "3", "4", "8"],
-                             "Target epsilons (each row's own unit, at its delta).")
-_ONLY = flags.DEFINE_list("only", [], "Run only these rows, in this order (default: all).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "MedMNIST folder (default: the trainer's).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join("experiments", "results", "frontier"),
-                                  "Where the runs, the table and the figures go.")
-_REPORT_ONLY = flags.DEFINE_bool(
-    "report_only", False, "Train nothing: rebuild the table and figures from finished runs "
-    "(levels not finished are listed as such). For a study run as several processes, one "
-    "per --only subset, or stopped part-way.")
-_QUICK = flags.DEFINE_bool("quick", False, "Smoke test: one row, epsilon 3 and z = 0, "
-                           "2 rounds, 1 run.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defined when run as a program only: importing the module (tests) defines none,
+  so it cannot clash with another study's or the benchmarks' flags."""
+  flags.DEFINE_integer("runs", 3, "Independent (unseeded) runs per level.")
+  flags.DEFINE_list("target_epsilons", ["0.5", "1", "2", "3", "4", "8"],
+                    "Target epsilons (each row's own unit, at its delta).")
+  flags.DEFINE_list("only", [], "Run only these rows, in this order (default: all).")
+  flags.DEFINE_string("data_dir", None, "MedMNIST folder (default: the trainer's).")
+  flags.DEFINE_string("output_dir", os.path.join("experiments", "results", "frontier"),
+                      "Where the runs, the table and the figures go.")
+  flags.DEFINE_bool(
+      "report_only", False, "Train nothing: rebuild the table and figures from finished runs "
+      "(levels not finished are listed as such). For a study run as several processes, one "
+      "per --only subset, or stopped part-way.")
+  flags.DEFINE_bool("quick", False, "Smoke test: one row, epsilon 3 and z = 0, "
+                    "2 rounds, 1 run.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,24 +182,24 @@ def _glance(rows: list, targets: list, cells: dict) -> list:
 def main(argv) -> None:
   del argv
   start = time.time()
-  if _QUICK.value:
+  if FLAGS.quick:
     rows, targets, runs = [_quick_row()], [3.0], 1
   else:
-    unknown = set(_ONLY.value) - {r.name for r in ROWS}
+    unknown = set(FLAGS.only) - {r.name for r in ROWS}
     if unknown:
       raise app.UsageError(f"--only: unknown rows {', '.join(sorted(unknown))}; use "
                            f"{', '.join(r.name for r in ROWS)}")
     by_name = {r.name: r for r in ROWS}
-    rows = [by_name[n] for n in dict.fromkeys(_ONLY.value)] if _ONLY.value else list(ROWS)
+    rows = [by_name[n] for n in dict.fromkeys(FLAGS.only)] if FLAGS.only else list(ROWS)
     try:
-      targets = sorted({float(t) for t in _TARGETS.value})
+      targets = sorted({float(t) for t in FLAGS.target_epsilons})
     except ValueError:
-      raise app.UsageError(f"--target_epsilons={','.join(_TARGETS.value)}: give numbers, "
+      raise app.UsageError(f"--target_epsilons={','.join(FLAGS.target_epsilons)}: give numbers, "
                            "e.g. 0.5,1,2,4,8") from None
     if not targets or min(targets) <= 0:
       raise app.UsageError("--target_epsilons must be numbers > 0, e.g. 0.5,1,2,4,8")
-    runs = _RUNS.value
-  output_dir = _OUTPUT_DIR.value
+    runs = FLAGS.runs
+  output_dir = FLAGS.output_dir
   os.makedirs(output_dir, exist_ok=True)
   command = shlex.join(["python", "-m", "experiments.frontier", *sys.argv[1:]])
   levels = [(row, target) for row in rows for target in [*targets, None]]
@@ -205,12 +211,12 @@ def main(argv) -> None:
     summaries = []
     try:
       for run in range(runs):
-        if _REPORT_ONLY.value:
+        if FLAGS.report_only:
           summary = recipes.finished_run(recipe, run, output_dir)
           if summary is None:
             break
         else:
-          summary = recipes.run_recipe(recipe, run, _DATA_DIR.value, output_dir)
+          summary = recipes.run_recipe(recipe, run, FLAGS.data_dir, output_dir)
         summary["run_dir"] = os.path.join(output_dir, "runs", f"{recipe.name}_r{run}")
         summaries.append(summary)
         progress.update()
@@ -236,7 +242,7 @@ def main(argv) -> None:
         "is in the row's privacy unit (privacy_unit) at its delta.", "",
         "Recipes: " + "; ".join(f"`{r.name}` from {r.why}" for r in rows) + ".", "",
         *_glance(rows, targets, cells)])
-    if not _REPORT_ONLY.value:
+    if not FLAGS.report_only:
       _figures(rows, done, output_dir)
   _figures(rows, done, output_dir)
   progress.close()
@@ -252,4 +258,5 @@ def _main(argv) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(_main)
