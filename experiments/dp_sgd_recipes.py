@@ -13,7 +13,6 @@ from its checkpoint, so the study itself resumes where it stopped.
 """
 
 import os
-import sys
 import time
 
 from absl import app
@@ -108,12 +107,5 @@ def main(argv) -> None:
     print(" ".join(f"{k}={v}" for k, v in row.items()))
 
 
-def _main(argv) -> None:
-  try:
-    main(argv)
-  except recipes.Stopped as e:
-    sys.exit(f"stopped: {e}")
-
-
 if __name__ == "__main__":
-  app.run(_main)
+  app.run(recipes.stop_as_one_line(main))

@@ -217,7 +217,7 @@ def main(argv) -> None:
             break
         else:
           summary = recipes.run_recipe(recipe, run, FLAGS.data_dir, output_dir)
-        summary["run_dir"] = os.path.join(output_dir, "runs", f"{recipe.name}_r{run}")
+        summary["run_dir"] = recipes.run_dir_of(recipe, run, output_dir)
         summaries.append(summary)
         progress.update()
     except recipes.Unreachable as e:
@@ -243,20 +243,14 @@ def main(argv) -> None:
         "Recipes: " + "; ".join(f"`{r.name}` from {r.why}" for r in rows) + ".", "",
         *_glance(rows, targets, cells)])
     if not FLAGS.report_only:
-      _figures(rows, done, output_dir)
-  _figures(rows, done, output_dir)
+      _figures(rows, done, output_dir)  # Partial figures as levels finish.
+  if FLAGS.report_only:
+    _figures(rows, done, output_dir)
   progress.close()
   print(f"frontier: {len(table)} levels in {(time.time() - start) / 60:.1f} min; "
         f"{os.path.join(output_dir, 'results.md')}")
 
 
-def _main(argv) -> None:
-  try:
-    main(argv)
-  except recipes.Stopped as e:
-    sys.exit(f"stopped: {e}")
-
-
 if __name__ == "__main__":
   _define_flags()
-  app.run(_main)
+  app.run(recipes.stop_as_one_line(main))

@@ -18,7 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from tff_dpmed import files
 from experiments import runner
@@ -65,7 +65,8 @@ def _error_line(log_path: str) -> str:
   return errors[-1] if errors else ""
 
 
-def _run_dir(recipe: Recipe, run: int, output_dir: str) -> str:
+def run_dir_of(recipe: Recipe, run: int, output_dir: str) -> str:
+  """Where run `run` of `recipe` lives in a study's `output_dir`."""
   return os.path.join(output_dir, "runs", f"{recipe.name}_r{run}")
 
 
@@ -78,7 +79,7 @@ def _check_reachable(log_path: str) -> None:
 
 def finished_run(recipe: Recipe, run: int, output_dir: str) -> Optional[dict]:
   """The summary of a finished run, None if it has not finished; Unreachable if refused."""
-  run_dir = _run_dir(recipe, run, output_dir)
+  run_dir = run_dir_of(recipe, run, output_dir)
   summary = runner.read_summary(run_dir)
   if summary is None:
     _check_reachable(run_dir + ".log")
@@ -91,7 +92,7 @@ def run_recipe(recipe: Recipe, run: int, data_dir: Optional[str], output_dir: st
   Raises Unreachable when the trainer exits 2 because no noise reaches the
   target; any other failure is a RuntimeError naming the run's log.
   """
-  run_dir = _run_dir(recipe, run, output_dir)
+  run_dir = run_dir_of(recipe, run, output_dir)
   summary = runner.read_summary(run_dir)
   if summary is not None:
     return summary
@@ -104,11 +105,21 @@ def run_recipe(recipe: Recipe, run: int, data_dir: Optional[str], output_dir: st
   if proc.returncode == 0 and summary is not None:
     return summary
   if proc.returncode in _STOPPED_CODES:
-    raise Stopped(f"{recipe.name} run {run} was stopped (exit {proc.returncode}) after saving "
-                  "its checkpoint: rerun the same command to resume it")
+    raise Stopped(f"{recipe.name} run {run} was stopped (exit {proc.returncode}): rerun the "
+                  "same command to resume it (from its checkpoint, if it saved one)")
   if proc.returncode == 2:
     _check_reachable(log_path)
   raise RuntimeError(f"{recipe.name} run {run} failed (exit {proc.returncode}): see {log_path}")
+
+
+def stop_as_one_line(main: Callable[[list], None]) -> Callable[[list], None]:
+  """`main` for absl's app.run: a stopped run ends the study with one line, not a traceback."""
+  def main_stopping_as_one_line(argv: list) -> None:
+    try:
+      main(argv)
+    except Stopped as e:
+      sys.exit(f"stopped: {e}")
+  return main_stopping_as_one_line
 
 
 def mean_sd(values: list) -> str:

@@ -88,3 +88,10 @@ def test_a_run_stopped_by_a_signal_says_how_to_resume(tmp_path, monkeypatch):
   _fake_trainer(monkeypatch, "raise SystemExit(143)")  # The trainer after SIGTERM.
   with pytest.raises(recipes.Stopped, match="rerun the same command to resume"):
     recipes.run_recipe(_recipe(), 0, None, str(tmp_path))
+
+
+def test_a_stopped_study_exits_with_one_line():
+  def main(argv):
+    raise recipes.Stopped("r run 0 was stopped (exit 143): rerun the same command")
+  with pytest.raises(SystemExit, match=r"^stopped: r run 0 was stopped"):
+    recipes.stop_as_one_line(main)([])
