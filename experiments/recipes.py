@@ -15,6 +15,7 @@ import dataclasses
 import io
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -23,8 +24,9 @@ from typing import Callable, Optional
 from tff_dpmed import files
 from experiments import runner
 
-# Where the trainer says it cannot calibrate (e.g. local DP at a small epsilon).
-_UNREACHABLE_HINTS = ("is not reachable",)
+# The trainer's error when it cannot calibrate (e.g. local DP at a small epsilon);
+# other errors, e.g. "the TFF worker at ... is not reachable", are failures.
+_UNREACHABLE_TARGET = re.compile(r"^error: target epsilon \S+ is not reachable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +75,7 @@ def run_dir_of(recipe: Recipe, run: int, output_dir: str) -> str:
 def _check_reachable(log_path: str) -> None:
   """Raises Unreachable if the run's log ends in the trainer's 'not reachable' error."""
   error = _error_line(log_path) if os.path.exists(log_path) else ""
-  if any(h in error for h in _UNREACHABLE_HINTS):
+  if _UNREACHABLE_TARGET.match(error):
     raise Unreachable(error[len("error: "):])
 
 

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -38,8 +39,12 @@ if mode == "leak":
 
 
 def _start(mode):
-  return subprocess.Popen([sys.executable, "-c", _SCRIPT, mode], stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True)
+  # stderr goes to a file, not a pipe nobody reads (a full pipe would block the script).
+  stderr = tempfile.TemporaryFile(mode="w+")
+  proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, mode], stdout=subprocess.PIPE,
+                          stderr=stderr, text=True)
+  proc.stderr_file = stderr
+  return proc
 
 
 def _worker_pid(proc) -> tuple[int, int, str]:
@@ -48,7 +53,10 @@ def _worker_pid(proc) -> tuple[int, int, str]:
     if line.startswith("worker "):
       binary, bridge, socket_dir = line.split()[1:]
       return int(binary), int(bridge), socket_dir
-  raise AssertionError("the script never reported its worker")
+  proc.wait(timeout=60)
+  proc.stderr_file.seek(0)
+  tail = proc.stderr_file.read()[-3000:]
+  raise AssertionError(f"the script never reported its worker (exit {proc.returncode}):\n{tail}")
 
 
 def _gone(pid: int, timeout_s: float = 15.0) -> bool:

@@ -41,10 +41,13 @@ def test_unreachable_target_is_a_row_not_a_crash(tmp_path, monkeypatch):
   assert row["epsilon"] == "unreachable" and row["target_epsilon"] == "0.5"
 
 
-def test_other_failures_name_the_log(tmp_path, monkeypatch):
-  _fake_trainer(monkeypatch, "print('error: --clip must be > 0'); raise SystemExit(2)")
-  with pytest.raises(RuntimeError, match=r"exit 2.*r_r0\.log"):
+@pytest.mark.parametrize("error", ["--clip must be > 0",
+                                   "the TFF worker at unix:/tmp/w.sock is not reachable"])
+def test_other_failures_name_the_log(tmp_path, monkeypatch, error):
+  _fake_trainer(monkeypatch, f"print('error: {error}'); raise SystemExit(2)")
+  with pytest.raises(RuntimeError, match=r"exit 2.*r_r0\.log") as raised:
     recipes.run_recipe(_recipe(), 0, None, str(tmp_path))
+  assert not isinstance(raised.value, recipes.Unreachable)
 
 
 def test_finished_run_is_reused_without_training(tmp_path, monkeypatch):

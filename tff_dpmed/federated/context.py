@@ -76,8 +76,14 @@ def _executor_factory(address: str, default_num_clients: int,
       cardinalities[tff.CLIENTS] = default_num_clients
     # TFF retries a call that failed with UNAVAILABLE by asking for a new
     # executor; failing here turns a dead worker into an error, not an endless retry.
+    # The stub only *records* the channel's state, which is still CONNECTING when
+    # a computation runs right after the context is made: wait for it first.
     if not stub.is_ready:
-      raise WorkerError(f"the TFF worker at {address} is not reachable")
+      try:
+        grpc.channel_ready_future(channel).result(timeout=REACHABLE_TIMEOUT_S)
+      except grpc.FutureTimeoutError:
+        raise WorkerError(f"the TFF worker at {address} is not reachable "
+                          f"(waited {REACHABLE_TIMEOUT_S:.0f}s)") from None
     executor = remote_executor.RemoteExecutor(stub)
     executor.set_cardinalities(cardinalities)
     return executor

@@ -1,0 +1,51 @@
+"""A new context's first call waits for its worker channel; a dead worker is an error."""
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+import tensorflow_federated as tff
+
+from tff_dpmed.federated import context
+
+
+def _serve_later(socket_path: str, delay_s: float, servers: list) -> threading.Timer:
+  def start():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    server.add_insecure_port(f"unix:{socket_path}")
+    server.start()
+    servers.append(server)
+  timer = threading.Timer(delay_s, start)
+  timer.start()
+  return timer
+
+
+def test_first_call_waits_for_a_channel_still_connecting(tmp_path):
+  # A computation run right after the context is made met a CONNECTING channel
+  # and failed as "not reachable" (seen once in CI, on a loaded machine).
+  socket_path = str(tmp_path / "w.sock")
+  servers = []
+  timer = _serve_later(socket_path, 0.5, servers)
+  try:
+    factory = context._executor_factory(f"unix:{socket_path}", default_num_clients=1)
+    # The stand-in server has no executor service: UNIMPLEMENTED means the call
+    # reached it, past the readiness check that used to fail at once.
+    with pytest.raises(grpc.RpcError) as raised:
+      factory.create_executor({tff.CLIENTS: 1})
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+  finally:
+    timer.join()
+    for server in servers:
+      server.stop(None)
+
+
+def test_a_worker_that_never_answers_is_an_error_after_the_wait(tmp_path, monkeypatch):
+  monkeypatch.setattr(context, "REACHABLE_TIMEOUT_S", 1.0)
+  address = f"unix:{tmp_path / 'nobody.sock'}"
+  factory = context._executor_factory(address, default_num_clients=1)
+  start = time.monotonic()
+  with pytest.raises(context.WorkerError, match=f"{address} is not reachable"):
+    factory.create_executor({tff.CLIENTS: 1})
+  assert 0.9 < time.monotonic() - start < 10
