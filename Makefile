@@ -17,8 +17,11 @@ setup:
 train: setup
 	$(PY) -m tff_dpmed.train $(TRAIN_FLAGS) $(DATA_FLAG)
 
+# Two test files at a time (pytest-xdist): most tests wait on a subprocess.
+TEST_PROCESSES ?= 2
+
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not e2e" tests/unit $(PYTEST_ARGS)
