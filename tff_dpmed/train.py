@@ -16,6 +16,7 @@ from absl import logging
 from tff_dpmed import cli
 from tff_dpmed import files
 from tff_dpmed.privacy import canary_estimate
+from tff_dpmed.privacy import one_run_audit
 # TensorFlow must be imported before absl's app.run calls main: imported first
 # inside main, Keras fails to build functional models (Flatten sees None).
 from tff_dpmed.privacy.spec import Accountant, ClipMode, DPMode, Sampling, choices
@@ -118,12 +119,16 @@ flags.DEFINE_bool("restart", False, "Discard the run folder's checkpoints and me
 flags.DEFINE_enum("audit", _D.audit, config_lib.AUDITS, "An empirical privacy audit, into "
                   "summary.json: mia runs TF Privacy's membership-inference attacks on the "
                   "final model (train examples = members, test = non-members; --audit alone "
-                  "means mia); canary inserts --num_canaries canary clients and estimates "
-                  "epsilon from the final model (Andrew et al. 2024; client-level modes "
-                  "only; see README 'Reading the canary audit').")
+                  "means mia); canary: in client-level modes, --num_canaries canary "
+                  "clients and an epsilon estimate from the final model (Andrew et al. "
+                  "2024); with --dp_mode=example, --num_canaries canary examples each in "
+                  "the data with probability 1/2 and an epsilon lower bound (Steinke et al. "
+                  "2023). See README 'Reading the canary audit'.")
 flags.DEFINE_integer("num_canaries", None, "--audit=canary: canary clients, each joining "
-                     "a round with the real clients' sampling rate. Default: "
-                     f"{config_lib.DEFAULT_NUM_CANARIES}.")
+                     "a round with the real clients' sampling rate (default "
+                     f"{config_lib.DEFAULT_NUM_CANARIES}); with --dp_mode=example, canary "
+                     f"examples made from training examples (default "
+                     f"{config_lib.DEFAULT_NUM_EXAMPLE_CANARIES}, at most a tenth of them).")
 flags.DEFINE_float("canary_norm", None, "--audit=canary: L2 norm of a canary's update. "
                    "Default: --clip (fixed clipping, and --dp_mode=none, where it is only "
                    "the reference canaries' size); with adaptive clipping, far above any "
@@ -199,6 +204,8 @@ def main(argv, hooks: Optional[trainer.RoundHooks] = None):
     a = summary["audit"]
     print(f"membership-inference audit: attack AUC {a['attack_auc']:.3f}, attacker advantage "
           f"{a['attacker_advantage']:.3f}")
+  elif run.config.example_canaries:
+    print(one_run_audit.format_result(summary["audit"]))
   elif run.config.audit == "canary":
     print(canary_estimate.format_result(summary["audit"]))
   if "client_level" in p:

@@ -112,3 +112,45 @@ def test_with_the_noise_no_violation_is_found(tff_runtime, data_dir):
   result = _audited_run(_prepared(data_dir, **_CENTRAL), rounds=3)
   assert not result["violation"], result
   assert result["epsilon_ci"][0] < result["theoretical_epsilon"]
+
+
+# Example level: gradient canaries inside DP-SGD (data/canary_examples.py).
+_EXAMPLE = dict(dp_mode="example", clip_mode="fixed", clip=1.0, num_clients=5,
+                clients_per_round=5, sampling="all", client_batch_size=16,
+                client_learning_rate=1.0, server_learning_rate=1.0, server_momentum=0.0,
+                num_canaries=100, seed=None)
+
+
+def _example_audited_run(run, rounds: int) -> dict:
+  process, _ = trainer.build_process(run, trainer.client_datasets(run))
+  ledger = PrivacyLedger(run.mechanism.spec)
+  state = process.initialize()
+  start = _trainable(process, state)
+  everyone = [str(i) for i in range(run.config.num_clients)]
+  for _ in range(rounds):
+    state = process.next(state, everyone).state
+    ledger.record_round(list(range(run.config.num_clients)))
+  return canary_audit.example_audit(run.example_canaries, start, _trainable(process, state),
+                                    ledger.epsilon(), run.mechanism.spec.delta)
+
+
+def test_example_level_noise_turned_off_inside_dp_sgd_is_a_violation(tff_runtime, data_dir,
+                                                                     monkeypatch):
+  del tff_runtime
+  run = _prepared(data_dir, **_EXAMPLE, noise_multiplier=3.0)
+  # A test double: DP-SGD adds no noise, while the ledger accounts for z = 3.
+  from tff_dpmed.privacy import example_dp
+  build = example_dp.build_dp_sgd_client_work
+  monkeypatch.setattr(example_dp, "build_dp_sgd_client_work",
+                      lambda *a, **k: build(*a, **{**k, "noise_multiplier": 0.0}))
+  result = _example_audited_run(run, rounds=2)
+  assert result["violation"], result
+  assert result["epsilon_lower_bound"] > result["theoretical_epsilon"] > 0
+  assert result["num_canaries"] == 100
+
+
+def test_example_level_with_the_noise_no_violation_is_found(tff_runtime, data_dir):
+  del tff_runtime
+  result = _example_audited_run(_prepared(data_dir, **_EXAMPLE, noise_multiplier=3.0),
+                                rounds=2)
+  assert not result["violation"], result

@@ -235,7 +235,9 @@ def make_eval_dataset(images: np.ndarray, labels: np.ndarray, info: DatasetInfo,
 
 def make_whole_client_data(images: np.ndarray, labels: np.ndarray,
                            partitions: Sequence[np.ndarray], info: DatasetInfo,
-                           folder: Optional[str] = None) -> tff.simulation.datasets.ClientData:
+                           folder: Optional[str] = None,
+                           canary: Optional[np.ndarray] = None
+                           ) -> tff.simulation.datasets.ClientData:
   """One dataset per client holding a single element: all its examples and its id.
 
   For DP-SGD inside the clients (`privacy.example_dp`), which Poisson-samples
@@ -249,14 +251,22 @@ def make_whole_client_data(images: np.ndarray, labels: np.ndarray,
   the computation then carries file names, not all the data, every round
   (benchmarks/LEVERS.md: 3x less CPU per round for the scattering models).
   Without it the data are constants of the dataset computation.
+
+  `canary` (int64, one per example; the example-level canary audit) adds a
+  field `canary=(n_k,)` to the element: each example's canary coordinate, or
+  -1 for a real example (`data.canary_examples`).
   """
   images, labels = np.asarray(images), np.asarray(labels)
   _check_arrays(images, labels, info)
   flat, offsets = _flatten_partitions(partitions, len(images))
   client_ids = [str(i) for i in range(len(offsets) - 1)]
+  if canary is not None and np.shape(canary) != (len(images),):
+    raise ValueError(f"canary has shape {np.shape(canary)}, expected ({len(images)},)")
   if folder is not None:
-    return _whole_clients_from_files(images, labels, flat, offsets, info, folder, client_ids)
-  shared = _SharedArrays(images=images, labels=labels, flat=flat, offsets=offsets)
+    return _whole_clients_from_files(images, labels, flat, offsets, info, folder, client_ids,
+                                     canary)
+  arrays = {} if canary is None else {"canary": np.asarray(canary, np.int64)}
+  shared = _SharedArrays(images=images, labels=labels, flat=flat, offsets=offsets, **arrays)
 
   def client_dataset(client_id) -> tf.data.Dataset:
     images_t, labels_t = shared.get("images"), shared.get("labels")
@@ -264,16 +274,20 @@ def make_whole_client_data(images: np.ndarray, labels: np.ndarray,
     client = tf.strings.to_number(client_id, out_type=tf.int64)
     indices = flat_t[offsets_t[client]:offsets_t[client + 1]]
     x = tf.gather(images_t, indices)
-    return tf.data.Dataset.from_tensors(collections.OrderedDict(
+    element = collections.OrderedDict(
         x=model_inputs(x),
         y=preprocess_labels(tf.gather(labels_t, indices), info),
-        client=client))
+        client=client)
+    if canary is not None:
+      element["canary"] = tf.gather(shared.get("canary"), indices)
+    return tf.data.Dataset.from_tensors(element)
 
   return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(client_ids, client_dataset)
 
 
 def _whole_clients_from_files(images, labels, flat, offsets, info, folder: str,
-                              client_ids: list) -> tff.simulation.datasets.ClientData:
+                              client_ids: list, canary: Optional[np.ndarray] = None
+                              ) -> tff.simulation.datasets.ClientData:
   """`make_whole_client_data`, each client's tensors in `folder` as serialised protos."""
   dtypes = {}
   for i, client in enumerate(client_ids):
@@ -281,18 +295,23 @@ def _whole_clients_from_files(images, labels, flat, offsets, info, folder: str,
     x = images[indices]
     tensors = {"x": model_inputs(x),
                "y": preprocess_labels(labels[indices], info)}
+    if canary is not None:
+      tensors["canary"] = tf.constant(canary[indices], tf.int64)
     for name, tensor in tensors.items():
       dtypes[name] = tensor.dtype
       tf.io.write_file(os.path.join(folder, f"{client}.{name}"), tf.io.serialize_tensor(tensor))
-  shapes = {"x": [None, *images.shape[1:]], "y": [None, *labels.shape[1:]]}
+  shapes = {"x": [None, *images.shape[1:]], "y": [None, *labels.shape[1:]], "canary": [None]}
 
   def client_dataset(client_id) -> tf.data.Dataset:
     def read(name):
       path = tf.strings.join([folder + os.sep, client_id, "." + name])
       return tf.ensure_shape(tf.io.parse_tensor(tf.io.read_file(path), dtypes[name]),
                              shapes[name])
-    return tf.data.Dataset.from_tensors(collections.OrderedDict(
-        x=read("x"), y=read("y"), client=tf.strings.to_number(client_id, out_type=tf.int64)))
+    element = collections.OrderedDict(
+        x=read("x"), y=read("y"), client=tf.strings.to_number(client_id, out_type=tf.int64))
+    if canary is not None:
+      element["canary"] = read("canary")
+    return tf.data.Dataset.from_tensors(element)
 
   return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(client_ids, client_dataset)
 
@@ -304,5 +323,8 @@ def any_client_size(element_type) -> collections.OrderedDict:
   is static there; the computation must take any count.
   """
   relax = lambda spec: tf.TensorSpec([None] + spec.shape[1:], spec.dtype)
-  return collections.OrderedDict(x=relax(element_type["x"]), y=relax(element_type["y"]),
-                                 client=element_type["client"])
+  relaxed = collections.OrderedDict(x=relax(element_type["x"]), y=relax(element_type["y"]),
+                                    client=element_type["client"])
+  if "canary" in element_type:
+    relaxed["canary"] = relax(element_type["canary"])
+  return relaxed

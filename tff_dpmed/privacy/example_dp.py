@@ -34,10 +34,14 @@ import tensorflow_federated as tff
 from tff_dpmed.errors import UsageError
 
 
-def _per_example_clipped_sum(model, trainable, non_trainable, x, y, clip: float):
+def _per_example_clipped_sum(model, trainable, non_trainable, x, y, clip: float, canary=None):
   """Sum over the batch of each example's gradient clipped to L2 norm `clip`.
 
-  Returns the sum (a list like `trainable`) and the number of examples.
+  `canary` (the example-level canary audit): per example, -1, or the flat
+  coordinate (over `trainable`) whose one-hot times `clip` replaces that
+  example's gradient (`data.canary_examples`).
+
+  Returns the sum (a list like `trainable`).
   """
 
   def one_example_gradient(example):
@@ -51,6 +55,8 @@ def _per_example_clipped_sum(model, trainable, non_trainable, x, y, clip: float)
     return [tf.zeros_like(w) if g is None else g for g, w in zip(grads, trainable)]
 
   grads = tf.vectorized_map(one_example_gradient, (x, y))
+  if canary is not None:
+    grads = _with_canary_gradients(grads, trainable, canary, clip)
   # Each example's global L2 norm over all tensors, then one scale per example.
   squared = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), axis=1)
                       for g in grads])
@@ -58,6 +64,21 @@ def _per_example_clipped_sum(model, trainable, non_trainable, x, y, clip: float)
   scale = tf.minimum(1.0, clip / tf.maximum(norms, 1e-12))
   clipped_sum = [tf.tensordot(scale, g, axes=1) for g in grads]
   return clipped_sum
+
+
+def _with_canary_gradients(grads, trainable, canary, clip: float):
+  """`grads` with each canary example's gradient replaced by `clip` on its coordinate."""
+  is_canary = canary >= 0
+  out, offset = [], 0
+  for g, w in zip(grads, trainable):
+    size = int(w.shape.num_elements())
+    # one_hot of an index outside [0, size) is all zeros: other variables' canaries.
+    dirac = tf.one_hot(canary - offset, size, on_value=clip, off_value=0.0, dtype=g.dtype)
+    dirac = tf.reshape(dirac, tf.shape(g))
+    mask = tf.reshape(is_canary, [-1] + [1] * (len(w.shape)))
+    out.append(tf.where(mask, dirac, g))
+    offset += size
+  return out
 
 
 def build_dp_sgd_client_work(model: tff.learning.models.FunctionalModel, *, element_type,
@@ -103,6 +124,7 @@ def build_dp_sgd_client_work(model: tff.learning.models.FunctionalModel, *, elem
   def train(weights, dataset, base_seed):
     element = dataset.get_single_element()
     x_all, y_all, client = element["x"], element["y"], element["client"]
+    canary_all = element.get("canary")
     n = tf.shape(x_all, out_type=tf.int64)[0]
     if sampling_rate is None:
       num_steps = (epochs * n + batch - 1) // batch
@@ -122,9 +144,11 @@ def build_dp_sgd_client_work(model: tff.learning.models.FunctionalModel, *, elem
       chosen = tf.random.stateless_uniform([n], sample_seed, dtype=tf.float64) < rate
       positions = tf.where(chosen)[:, 0]
       xb, yb = tf.gather(x_all, positions), tf.gather(y_all, positions)
+      canary_b = None if canary_all is None else tf.gather(canary_all, positions)
       summed = tf.cond(
           tf.size(positions) > 0,
-          lambda: _per_example_clipped_sum(model, trainable, non_trainable, xb, yb, clip),
+          lambda: _per_example_clipped_sum(model, trainable, non_trainable, xb, yb, clip,
+                                           canary_b),
           lambda: [tf.zeros_like(w) for w in trainable])
       noise_seeds = tf.random.experimental.stateless_split(noise_seed, num=len(trainable))
       noised = [s + tf.random.stateless_normal(tf.shape(s), noise_seeds[i], stddev=stddev,

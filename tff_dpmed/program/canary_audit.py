@@ -1,25 +1,36 @@
 """--audit=canary in the training program: the canaries' plan, and the audit of the final model.
 
-The plan (`plan_for`) says which client ids are canaries and what they send
-(`federated.canaries`); the trainer inserts them, and after training `audit`
-compares the released model's delta with the canaries' directions and with
-never-inserted ones (`privacy.canary_estimate`). README "Reading the canary
-audit" says how to read the result.
+Client level (central, local, none): the plan (`plan_for`) says which client
+ids are canaries and what they send (`federated.canaries`); the trainer
+inserts them, and after training `audit` compares the released model's delta
+with the canaries' directions and with never-inserted ones
+(`privacy.canary_estimate`).
+
+Example level (`--dp_mode=example`): gradient canary examples
+(`data.canary_examples`), drawn from a secret kept in the run folder, each in
+the training data with probability 1/2; after training `example_audit` reads
+their coordinates of the released model's change and bounds epsilon from
+below (`privacy.one_run_audit`).
+
+README "Reading the canary audit" says how to read the results.
 """
 
 import io
 import os
+import secrets
 from typing import Optional, Sequence
 
 import numpy as np
 
 from tff_dpmed import files
+from tff_dpmed.data import canary_examples
 from tff_dpmed.errors import UsageError
 from tff_dpmed.federated import canaries as canaries_lib
 from tff_dpmed.privacy import canary_estimate
+from tff_dpmed.privacy import one_run_audit
 from tff_dpmed.privacy.spec import DPMode
 from tff_dpmed.program.config import RunConfig
-from tff_dpmed.program.run_dir import CANARY_INITIAL_WEIGHTS
+from tff_dpmed.program.run_dir import CANARY_EXAMPLES_SECRET, CANARY_INITIAL_WEIGHTS
 
 # Directions never inserted: their cosines are the audit's null sample. They
 # cost nothing in training (only cosines after it), so there are plenty.
@@ -48,9 +59,9 @@ def plan_for(cfg: RunConfig) -> Optional[canaries_lib.CanaryPlan]:
   (0 without it): canaries stand for no one, so knowing them reveals nothing,
   and a resumed run must draw the same ones.
   """
-  if cfg.canary_count == 0:
+  if cfg.canary_clients == 0:
     return None
-  return canaries_lib.CanaryPlan(num_canaries=cfg.canary_count, first_id=cfg.num_clients,
+  return canaries_lib.CanaryPlan(num_canaries=cfg.canary_clients, first_id=cfg.num_clients,
                                  norm=canary_norm(cfg), seed=0 if cfg.seed is None else cfg.seed)
 
 
@@ -110,3 +121,74 @@ def _cosines(plan: canaries_lib.CanaryPlan, indices: range, model_delta: np.ndar
     rows = canaries_lib.directions(plan, indices[start:start + _BATCH], model_delta.size)
     out.append(canary_estimate.cosines(rows, model_delta))
   return np.concatenate(out)
+
+
+def example_canaries(cfg: RunConfig, labels: np.ndarray
+                     ) -> Optional[canary_examples.CanaryExamples]:
+  """The canary examples of `cfg` (None unless --audit=canary with --dp_mode=example),
+  for training data with these `labels`.
+
+  Drawn from the secret in the run folder when resuming, so the run keeps its
+  canaries; a new run (or --restart) draws a fresh secret, unless --seed
+  makes everything reproducible (debugging). Reads, never writes:
+  `save_example_secret` does, once the run folder is taken.
+  """
+  if not cfg.example_canaries:
+    return None
+  count = cfg.canary_count
+  if cfg.num_canaries is None:  # The default takes at most a tenth of the data.
+    count = max(MIN_EXAMPLE_CANARIES, min(count, len(labels) // 10))
+  if count > len(labels) // 2:
+    raise UsageError(f"--num_canaries={count} is more than half of the {len(labels)} "
+                     f"training examples: use at most {len(labels) // 2}, better a tenth")
+  return canary_examples.draw(count, cfg.num_clients, _example_secret(cfg))
+
+
+MIN_EXAMPLE_CANARIES = 10
+
+
+def _example_secret(cfg: RunConfig) -> int:
+  if cfg.seed is not None:
+    return cfg.seed
+  path = os.path.join(cfg.run_dir, CANARY_EXAMPLES_SECRET)
+  if not cfg.restart and os.path.exists(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        return int(f.read().strip())
+    except (OSError, ValueError) as e:
+      raise UsageError(f"{path} is unreadable ({type(e).__name__}): the canary audit needs "
+                       "the canaries the run started with; pass --restart") from None
+  return _FRESH_SECRET
+
+
+# One fresh secret per process: prepare and the run folder must agree on it.
+_FRESH_SECRET = secrets.randbits(63)
+
+
+def save_example_secret(cfg: RunConfig) -> None:
+  """Keeps the canaries' secret in the run folder (owner-only), for a resume."""
+  if not cfg.example_canaries or cfg.seed is not None:
+    return
+  path = os.path.join(cfg.run_dir, CANARY_EXAMPLES_SECRET)
+  secret = _example_secret(cfg)
+  files.write_atomic(path, f"{secret}\n".encode())
+  os.chmod(path, 0o600)
+
+
+def example_audit(canaries: canary_examples.CanaryExamples, initial: Sequence[np.ndarray],
+                  released: Sequence[np.ndarray], theoretical_epsilon: Optional[float],
+                  delta: float) -> dict:
+  """The one-run audit of the released model: each canary scored by how far its
+  coordinate moved the way its gradient pushes (SGD subtracts it: down)."""
+  model_delta = np.concatenate([np.asarray(r, np.float64).ravel() - np.asarray(i).ravel()
+                                for r, i in zip(released, initial)])
+  scores = -model_delta[canaries.coordinates(model_delta.size)]
+  result = one_run_audit.audit(scores, canaries.included, delta, theoretical_epsilon)
+  return result | {
+      "dp_mode": DPMode.EXAMPLE.value,
+      "canary_kind": ("gradient canaries: an example whose clipped gradient is the clip norm "
+                      "on one model coordinate of its own"),
+      "score": "minus the change of the canary's coordinate, released minus initial weights",
+      "threat_model": "an adversary who sees only the released model (the selected round's "
+                      "weights), knows the initial weights and the canaries, and guesses which "
+                      "were trained on"}

@@ -24,6 +24,10 @@ EXECUTORS = ("local", "remote")
 # (client-level canaries, Andrew et al. 2024, program/canary_audit.py).
 AUDITS = ("none", "mia", "canary")
 DEFAULT_NUM_CANARIES = 50
+# The one-run example-level audit needs more: with m canaries its lower bound
+# cannot exceed about log(q / (1 - q)), q = 0.0125^(1/m) (4.2 at m = 300).
+# At most a tenth of the training examples by default (program/canary_audit.py).
+DEFAULT_NUM_EXAMPLE_CANARIES = 300
 IMAGE_SIZES = (28, 64, 128, 224)
 # A run folder is one path component under --output_dir: no separators, no
 # '..', nothing hidden, so a run never writes outside --output_dir.
@@ -198,23 +202,36 @@ class RunConfig:
         raise UsageError(f"{', '.join(canary_flags)} without --audit=canary has no effect: add "
                          "--audit=canary or drop it")
       return
-    if self.dp.mode is DPMode.EXAMPLE:
-      raise UsageError("--audit=canary audits client-level DP (central, local, none) and does "
-                       "not audit --dp_mode=example yet: use --audit=mia, or another --dp_mode")
     if self.num_canaries is not None and (
         isinstance(self.num_canaries, bool) or not isinstance(self.num_canaries, int)
         or not MIN_CANARIES <= self.num_canaries <= 100_000):
       raise UsageError(f"--num_canaries={self.num_canaries} must be a whole number from "
                        f"{MIN_CANARIES} to 100000 (default {DEFAULT_NUM_CANARIES})")
     if self.canary_norm is not None:
+      if self.dp.mode is DPMode.EXAMPLE:
+        raise UsageError("--canary_norm sets the update of a canary client; --dp_mode=example "
+                         "audits with canary examples, which have no such norm: drop it")
       _positive_finite("canary_norm", self.canary_norm)
 
   @property
   def canary_count(self) -> int:
-    """Canary clients of --audit=canary (0 without it)."""
+    """Canaries of --audit=canary (0 without it): examples under --dp_mode=example,
+    clients otherwise."""
     if self.audit != "canary":
       return 0
-    return DEFAULT_NUM_CANARIES if self.num_canaries is None else self.num_canaries
+    if self.num_canaries is not None:
+      return self.num_canaries
+    return DEFAULT_NUM_EXAMPLE_CANARIES if self.example_canaries else DEFAULT_NUM_CANARIES
+
+  @property
+  def example_canaries(self) -> bool:
+    """Whether the canary audit is the example-level one (canary examples, not clients)."""
+    return self.audit == "canary" and self.dp.mode is DPMode.EXAMPLE
+
+  @property
+  def canary_clients(self) -> int:
+    """Canary clients that take part in rounds (client-level canary audit only)."""
+    return 0 if self.example_canaries else self.canary_count
 
   def _validate_runtime(self) -> None:
     _one_of("executor", self.executor, EXECUTORS)

@@ -31,13 +31,16 @@ LEDGER_FILE = "privacy_ledger.json"
 CONFIG_FILE = "config.json"
 # --audit=canary: the trainable weights training started from (program/canary_audit.py).
 CANARY_INITIAL_WEIGHTS = "canary_initial_weights.npz"
+# --audit=canary with --dp_mode=example: what draws the canary examples and their
+# inclusion (the auditor's secret; never exported).
+CANARY_EXAMPLES_SECRET = "canary_examples_secret"
 # Changing these between a run and its resume would make the resumed state
 # meaningless; the privacy settings are checked against the ledger itself.
 RESUME_KEYS = ("dataset", "image_size", "partition", "dirichlet_alpha", "model",
                "client_epochs", "client_batch_size", "seed", "client_learning_rate",
                "server_learning_rate", "server_momentum")
 _DERIVED = ("metrics.csv", "summary.json", "tensorboard", "checkpoints", LEDGER_FILE,
-            "final_weights.npz", CANARY_INITIAL_WEIGHTS)
+            "final_weights.npz", CANARY_INITIAL_WEIGHTS, CANARY_EXAMPLES_SECRET)
 
 
 def check_writable(output_dir: str, run_dir: str) -> None:

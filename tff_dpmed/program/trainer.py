@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow_federated as tff
 
 from tff_dpmed import models
+from tff_dpmed.data import canary_examples
 from tff_dpmed.data import client_data as client_data_lib
 from tff_dpmed.data import partition as partition_lib
 from tff_dpmed.data import registry as data_registry
@@ -57,6 +58,9 @@ class PreparedRun:
   mechanism: mechanisms.Mechanism
   notes: list                     # what was chosen for the user, and why
   budget: Optional[BudgetLedger] = None
+  # --audit=canary with --dp_mode=example: the canary examples; the included ones
+  # are already in `partitions`, after the real training examples.
+  example_canaries: Optional[canary_examples.CanaryExamples] = None
 
 
 def _log(message: str) -> None:
@@ -82,6 +86,13 @@ def prepare(cfg: RunConfig) -> PreparedRun:
                                                    cfg.dirichlet_alpha, seed)
   notes = []
   spec = cfg.dp
+  example_canaries = canary_audit.example_canaries(cfg, splits.train_labels)
+  if example_canaries is not None:
+    # Canaries are examples like any other: in their hospital's size, so accounted.
+    partitions = canary_examples.extend_partitions(partitions, len(splits.train_labels),
+                                                   example_canaries)
+    notes.append(f"canary audit: {example_canaries.count} gradient canary examples, each "
+                 "trained on with probability 1/2")
   if spec.mode is DPMode.EXAMPLE:
     _check_example_level(cfg)
     # The hospitals' sizes fix each one's sampling rate and step count.
@@ -105,7 +116,8 @@ def prepare(cfg: RunConfig) -> PreparedRun:
     notes.append(f"accountant={accounting.resolve_accountant(spec)}, "
                  f"sampling={spec.sampling.value}")
   budget = BudgetLedger(cfg.budget_ledger) if cfg.budget_ledger else None
-  return PreparedRun(cfg, splits, partitions, mechanisms.for_spec(spec), notes, budget)
+  return PreparedRun(cfg, splits, partitions, mechanisms.for_spec(spec), notes, budget,
+                     example_canaries)
 
 
 def _check_example_level(cfg: RunConfig) -> None:
@@ -217,6 +229,7 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
                         show_progress: bool, hooks: loop.RoundHooks,
                         client_files: Optional[str] = None) -> dict:
   cfg, splits, info, mechanism = run.config, run.splits, run.splits.info, run.mechanism
+  canary_audit.save_example_secret(cfg)
   federated_data = client_datasets(run, client_files)
   process, release_client_metrics = build_process(run, federated_data)
   for key, value in mechanism.noise_choices().items():
@@ -259,12 +272,17 @@ def client_datasets(run: PreparedRun, folder: Optional[str] = None):
   which samples its own batches) each client's examples whole, from files in
   `folder` if given."""
   cfg, splits, info = run.config, run.splits, run.splits.info
-  train_inputs = _model_inputs(cfg, info, splits.train_images, "train")
+  images, labels, canary = splits.train_images, splits.train_labels, None
+  if run.example_canaries is not None:
+    num_parameters = sum(int(np.size(w)) for w in _initial_weights(cfg, info).trainable)
+    images, labels, canary = canary_examples.training_arrays(
+        images, labels, run.example_canaries, info, num_parameters)
+  train_inputs = _model_inputs(cfg, info, images, "train")
   if run.mechanism.samples_batches_itself:
     return client_data_lib.make_whole_client_data(
-        train_inputs, splits.train_labels, run.partitions, info, folder=folder)
+        train_inputs, labels, run.partitions, info, folder=folder, canary=canary)
   return client_data_lib.make_federated_train_data(
-      train_inputs, splits.train_labels, run.partitions, info,
+      train_inputs, labels, run.partitions, info,
       batch_size=cfg.client_batch_size, epochs=cfg.client_epochs,
       seed=0 if cfg.seed is None else cfg.seed)
 
@@ -286,7 +304,7 @@ def make_sampler(cfg: RunConfig) -> ClientSampler:
   """Client sampling as the accountant assumes it, seeded only where that protects nothing;
   with --audit=canary, the canaries' own sampling beside it."""
   return ClientSampler(cfg.num_clients, cfg.clients_per_round, cfg.dp.sampling.value,
-                       seed=run_dir_lib.sampling_seed(cfg), num_canaries=cfg.canary_count)
+                       seed=run_dir_lib.sampling_seed(cfg), num_canaries=cfg.canary_clients)
 
 
 def build_process(run: PreparedRun, federated_data):
@@ -375,7 +393,13 @@ def _finish(run: PreparedRun, process, state: loop.ProgramState, ledger: Privacy
   }
   if not np.isfinite(test["auc"]):
     summary["test_auc_note"] = "undefined: the test split has fewer than two classes"
-  if cfg.audit == "canary":
+  if run.example_canaries is not None:
+    _log(f"note: running the canary audit ({run.example_canaries.count} canary examples, "
+         f"{int(run.example_canaries.included.sum())} of them trained on, final model only)")
+    summary["audit"] = canary_audit.example_audit(
+        run.example_canaries, audit_start, final_weights[:len(audit_start)],
+        summary["privacy"]["epsilon"], run.mechanism.spec.delta)
+  elif cfg.audit == "canary":
     _log(f"note: running the canary audit ({cfg.canary_count} canaries, "
          f"{canary_audit.NUM_UNSEEN_DIRECTIONS} unseen directions, final model only)")
     summary["audit"] = canary_audit.audit(
