@@ -168,37 +168,42 @@ def plot_training_curves(curves: dict, path: str, title: str = "") -> None:
   _save(fig, path)
 
 
-def plot_canary_audit(points: Sequence[dict], reference: Sequence[float], path: str,
-                      title: str = "") -> None:
-  """Empirical epsilon of the canary audit against the theoretical epsilon (log-log).
+def plot_canary_audit(series: Sequence[dict], path: str, title: str = "") -> None:
+  """The canary audits' empirical epsilon against the theoretical epsilon (log-log).
 
-  Each of `points` has "theoretical" (the run's epsilon), "estimate" and
-  "ci" ([low, high]); `reference` holds the estimates of the same recipe
-  without noise, drawn as a dashed line (there is no bound to draw it at).
-  The diagonal is the accountant's bound: a lower end above it is a violation.
+  Each of `series` has "label", "points" (dicts with "theoretical", "estimate"
+  and "ci" = [low, high]; for a lower bound, low = high = the bound) and
+  "reference" (the estimates of the same recipe without noise, drawn as a
+  dashed line: there is no bound to draw them at). The diagonal is the
+  accountant's bound: an interval entirely above it is a violation.
   """
-  fig, ax = plt.subplots(figsize=(6, 5))
-  finite = [p for p in points if all(map(math.isfinite, (p["theoretical"], p["estimate"])))]
-  for p in finite:
-    low, high = p["ci"]
-    # An unbounded upper end is drawn up to ten times the estimate, open (no cap).
-    top = high if math.isfinite(high) else 10 * max(p["estimate"], 0.1)
-    ax.errorbar([p["theoretical"]], [p["estimate"]], yerr=[[p["estimate"] - low],
-                [top - p["estimate"]]], capsize=3 if math.isfinite(high) else 0,
-                color="C0", marker="o", alpha=0.8)
-  if finite:
-    span = [min(p["theoretical"] for p in finite) / 2, max(p["theoretical"] for p in finite) * 2]
-    ax.plot(span, span, color="0.4", linestyle=":", label="theoretical bound (ε_emp = ε)")
-  ref = _finite(reference)
-  if ref:
-    ax.axhline(float(np.mean(ref)), color="C3", linestyle="--",
-               label=f"same recipe without noise: {np.mean(ref):.3g}")
+  fig, ax = plt.subplots(figsize=(6.5, 5))
+  span = []
+  for i, row in enumerate(series):
+    color = _ROW_COLORS[i % len(_ROW_COLORS)]
+    finite = [p for p in row["points"]
+              if all(map(math.isfinite, (p["theoretical"], p["estimate"])))]
+    for j, p in enumerate(finite):
+      low, high = p["ci"]
+      # An unbounded upper end is drawn up to ten times the estimate, open (no cap).
+      top = high if math.isfinite(high) else 10 * max(p["estimate"], 0.1)
+      ax.errorbar([p["theoretical"]], [p["estimate"]], yerr=[[p["estimate"] - low],
+                  [top - p["estimate"]]], capsize=3 if math.isfinite(high) else 0,
+                  color=color, marker="o", alpha=0.8, label=row["label"] if j == 0 else None)
+      span.append(p["theoretical"])
+    ref = _finite(row.get("reference") or [])
+    if ref:
+      ax.axhline(float(np.mean(ref)), color=color, linestyle="--",
+                 label=f"{row['label']}, no noise: {np.mean(ref):.3g}")
+  if span:
+    ends = [min(span) / 2, max(span) * 2]
+    ax.plot(ends, ends, color="0.4", linestyle=":", label="theoretical bound (ε_emp = ε)")
   ax.set_xscale("log")
   _plain_log_ticks(ax)
   ax.set_yscale("symlog", linthresh=0.1)
   ax.set_ylim(bottom=0)
-  ax.set_xlabel("theoretical ε (client level, at the run's δ)")
-  ax.set_ylabel("empirical ε of the canary audit (95% CI)")
+  ax.set_xlabel("theoretical ε at the run's δ (each row's privacy unit)")
+  ax.set_ylabel("empirical ε of the canary audit")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=7)
   if title:

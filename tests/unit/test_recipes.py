@@ -100,35 +100,46 @@ def test_a_stopped_study_exits_with_one_line():
     recipes.stop_as_one_line(main)([])
 
 
-def _audited_summary(theory, estimate, low, high, violation=False):
+def _audited_summary(theory, estimate, low=None, high=None, violation=False):
+  """A summary with a client-level estimate (low/high given) or an example-level bound."""
+  audit = ({"epsilon_estimate": estimate, "epsilon_ci": [low, high]} if low is not None else
+           {"epsilon_lower_bound": estimate})
   return {"privacy": {"epsilon": theory, "delta": 1e-5, "privacy_unit": "client",
                       "noise_multiplier": 1.0},
           "config": {"model": "cnn", "client_batch_size": 16, "client_learning_rate": 0.05,
                      "clip": 0.1, "rounds": 60},
           "best_val_auc": 0.9, "test_auc": 0.85, "wall_seconds": 80.0,
-          "audit": {"theoretical_epsilon": theory, "epsilon_estimate": estimate,
-                    "epsilon_ci": [low, high], "violation": violation, "num_canaries": 50}}
+          "audit": {"theoretical_epsilon": theory, "violation": violation,
+                    "num_canaries": 50, **audit}}
 
 
 def test_canary_rows_report_estimates_intervals_and_violations():
   from experiments import canary_table
   summaries = [_audited_summary(3.0, 0.5, 0.2, 0.9), _audited_summary(3.0, 0.7, 0.3, 1.1),
                _audited_summary(3.0, 4.0, 3.5, 4.6, violation=True)]
-  row = canary_table.audit_row(canary_table.recipe_for(3.0), summaries)
+  row = canary_table.audit_row(canary_table.recipe_for("client", 3.0), summaries)
   assert row["violations"] == "1 of 3" and row["canaries"] == 50
   assert row["empirical_epsilon"].startswith("1.73 ± ")
-  assert row["per_run_estimate_95ci"].split("; ")[0] == "0.5 [0.2, 0.9]"
-  # Without noise the audit's estimate and bound may be unbounded ("inf" in JSON).
-  nodp = canary_table.audit_row(canary_table.recipe_for(None),
+  assert row["per_run"].split("; ")[0] == "0.5 [0.2, 0.9]"
+  # Without noise the estimate and the interval may be unbounded ("inf" in JSON).
+  nodp = canary_table.audit_row(canary_table.recipe_for("client", None),
                                 [_audited_summary(None, "inf", 40.0, "inf")])
   assert nodp["empirical_epsilon"] == "inf" and nodp["violations"] == "0 of 1"
   assert canary_table.audit_points([_audited_summary(None, 9.0, 8, 10)])[0]["theoretical"] \
       == float("inf")
+  # A one-run lower bound is its own interval's lower end.
+  bounds = [_audited_summary(8.0, 0.5), _audited_summary(8.0, 0.3)]
+  example = canary_table.audit_row(canary_table.recipe_for("example", 8.0), bounds)
+  assert example["audit"] == "lower bound (95%)" and example["per_run"] == "0.5; 0.3"
+  assert canary_table.audit_points(bounds)[0]["ci"] == [0.5, float("inf")]
+  assert "--num_canaries=300" in canary_table.recipe_for("example", 1.0).flags
 
 
 def test_canary_estimates_must_rise_with_epsilon_to_count_as_growing():
   from experiments import canary_table
   assert canary_table.grows_with_epsilon([(8.0, [3.0, 3.2]), (1.0, [0.1, 0.3]),
                                           (3.0, [1.0])]) is True
+  assert canary_table.grows_with_epsilon([(1.0, [0.0]), (3.0, [0.0]), (8.0, [0.4])]) is True
   assert canary_table.grows_with_epsilon([(1.0, [0.5]), (3.0, [0.4])]) is False
+  assert canary_table.grows_with_epsilon([(1.0, [0.0]), (3.0, [0.0])]) is False
   assert canary_table.grows_with_epsilon([(1.0, [0.5])]) is None
