@@ -55,4 +55,3 @@ def evaluate(keras_model, info: DatasetInfo, images, labels) -> dict:
   result = classification_metrics(info, labels, probs)
   result["loss"] = loss_sum / len(images) if len(images) else float("nan")
   return result
-
