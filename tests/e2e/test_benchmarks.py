@@ -190,3 +190,17 @@ def test_report_helpers():
        "round_s": [5.0, 1.0], "end_of_round_1": 30.0}]})
   assert verdicts == ["- First round (process start to end of round 1): 30.0 s; target < 20 s: "
                       "**not met**."]
+
+
+def test_audit_cost_report_says_met_or_by_how_much_it_missed():
+  from benchmarks import bench_audit
+  text = bench_audit.render({"client": {"plain": [10.0, 12.0, 11.0], "audited": [12.0, 13.0, 12.5]},
+                             "example": {"plain": [10.0], "audited": [15.0]}}, rounds=20)
+  client, example = [l for l in text.splitlines() if l.startswith("| client") or
+                     l.startswith("| example")]
+  assert "| 11.0 (10.0-12.0) | 12.5 (12.0-13.0) | 1.14 | met |" in client
+  assert example.endswith("| 1.50 | missed by 15% |")
+  plain = bench_audit._command("example", 20, audit=False, run_dir="/tmp/x")
+  audited = bench_audit._command("example", 20, audit=True, run_dir="/tmp/x")
+  assert "--audit=none" in plain and not any(f.startswith("--num_canaries") for f in plain)
+  assert "--audit=canary" in audited and "--num_canaries=300" in audited
