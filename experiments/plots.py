@@ -172,24 +172,29 @@ def plot_canary_audit(series: Sequence[dict], path: str, title: str = "") -> Non
   """The canary audits' empirical epsilon against the theoretical epsilon (log-log).
 
   Each of `series` has "label", "points" (dicts with "theoretical", "estimate"
-  and "ci" = [low, high]; for a lower bound, low = high = the bound) and
+  and "ci" = [low, high]; a lower bound is [bound, inf], drawn as a triangle) and
   "reference" (the estimates of the same recipe without noise, drawn as a
   dashed line: there is no bound to draw them at). The diagonal is the
   accountant's bound: an interval entirely above it is a violation.
   """
-  fig, ax = plt.subplots(figsize=(6.5, 5))
+  fig, ax = plt.subplots(figsize=(7, 7))
   span = []
   for i, row in enumerate(series):
-    color = _ROW_COLORS[i % len(_ROW_COLORS)]
+    color = ("tab:blue", "tab:red", "tab:green")[i % 3]
     finite = [p for p in row["points"]
               if all(map(math.isfinite, (p["theoretical"], p["estimate"])))]
+    shift = 1 + 0.06 * (i - (len(series) - 1) / 2)  # Side by side at the same epsilon.
     for j, p in enumerate(finite):
       low, high = p["ci"]
-      # An unbounded upper end is drawn up to ten times the estimate, open (no cap).
-      top = high if math.isfinite(high) else 10 * max(p["estimate"], 0.1)
-      ax.errorbar([p["theoretical"]], [p["estimate"]], yerr=[[p["estimate"] - low],
-                  [top - p["estimate"]]], capsize=3 if math.isfinite(high) else 0,
-                  color=color, marker="o", alpha=0.8, label=row["label"] if j == 0 else None)
+      x = p["theoretical"] * shift
+      label = row["label"] if j == 0 else None
+      if not math.isfinite(high) and low == p["estimate"]:
+        ax.plot([x], [p["estimate"]], color=color, marker="^", linestyle="none", alpha=0.8,
+                label=label)  # A lower bound: no upper end to draw.
+      else:
+        top = high if math.isfinite(high) else 10 * max(p["estimate"], 0.1)
+        ax.errorbar([x], [p["estimate"]], yerr=[[p["estimate"] - low], [top - p["estimate"]]],
+                    capsize=3, color=color, marker="o", alpha=0.8, label=label)
       span.append(p["theoretical"])
     ref = _finite(row.get("reference") or [])
     if ref:
@@ -203,9 +208,9 @@ def plot_canary_audit(series: Sequence[dict], path: str, title: str = "") -> Non
   ax.set_yscale("symlog", linthresh=0.1)
   ax.set_ylim(bottom=0)
   ax.set_xlabel("theoretical ε at the run's δ (each row's privacy unit)")
-  ax.set_ylabel("empirical ε of the canary audit")
+  ax.set_ylabel("empirical ε (estimate with 95% CI, or ▲ 95% lower bound)")
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13))
   if title:
     ax.set_title(textwrap.fill(title, 70), fontsize=9)
   _save(fig, path)
