@@ -83,7 +83,7 @@ def test_canaries_count_in_the_hospital_sizes_and_a_resume_keeps_them(data_dir, 
   assert sizes == tuple(len(p) for p in run.partitions)
   # The secret goes to the run folder (owner-only); a resume draws the same canaries.
   (tmp_path / "r").mkdir()
-  canary_audit.save_example_secret(cfg)
+  canary_audit.save_example_secret(cfg, canaries)
   secret_file = tmp_path / "r" / CANARY_EXAMPLES_SECRET
   assert secret_file.stat().st_mode & 0o077 == 0
   resumed = canary_audit.example_canaries(cfg, run.splits.train_labels)

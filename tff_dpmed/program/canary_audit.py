@@ -103,8 +103,7 @@ def audit(plan: canaries_lib.CanaryPlan, initial: Sequence[np.ndarray],
     dp_mode: recorded beside the result.
     num_unseen: directions never inserted.
   """
-  model_delta = np.concatenate([np.asarray(r, np.float64).ravel() - np.asarray(i).ravel()
-                                for r, i in zip(released, initial)])
+  model_delta = _model_delta(initial, released)
   inserted = _cosines(plan, range(plan.num_canaries), model_delta)
   unseen = _cosines(plan, range(plan.num_canaries, plan.num_canaries + num_unseen), model_delta)
   result = canary_estimate.estimate(inserted, unseen, delta, theoretical_epsilon, seed=plan.seed)
@@ -114,6 +113,12 @@ def audit(plan: canaries_lib.CanaryPlan, initial: Sequence[np.ndarray],
                                    "selected round's weights) and knows the canaries"}
 
 
+def _model_delta(initial: Sequence[np.ndarray], released: Sequence[np.ndarray]) -> np.ndarray:
+  """Released minus initial trainable weights, flat, in float64."""
+  return np.concatenate([np.asarray(r, np.float64).ravel() - np.asarray(i).ravel()
+                         for r, i in zip(released, initial)])
+
+
 def _cosines(plan: canaries_lib.CanaryPlan, indices: range, model_delta: np.ndarray
              ) -> np.ndarray:
   out = []
@@ -121,6 +126,9 @@ def _cosines(plan: canaries_lib.CanaryPlan, indices: range, model_delta: np.ndar
     rows = canaries_lib.directions(plan, indices[start:start + _BATCH], model_delta.size)
     out.append(canary_estimate.cosines(rows, model_delta))
   return np.concatenate(out)
+
+
+MIN_EXAMPLE_CANARIES = 10
 
 
 def example_canaries(cfg: RunConfig, labels: np.ndarray
@@ -144,9 +152,6 @@ def example_canaries(cfg: RunConfig, labels: np.ndarray
   return canary_examples.draw(count, cfg.num_clients, _example_secret(cfg))
 
 
-MIN_EXAMPLE_CANARIES = 10
-
-
 def _example_secret(cfg: RunConfig) -> int:
   if cfg.seed is not None:
     return cfg.seed
@@ -158,20 +163,17 @@ def _example_secret(cfg: RunConfig) -> int:
     except (OSError, ValueError) as e:
       raise UsageError(f"{path} is unreadable ({type(e).__name__}): the canary audit needs "
                        "the canaries the run started with; pass --restart") from None
-  return _FRESH_SECRET
+  return secrets.randbits(63)
 
 
-# One fresh secret per process: prepare and the run folder must agree on it.
-_FRESH_SECRET = secrets.randbits(63)
-
-
-def save_example_secret(cfg: RunConfig) -> None:
-  """Keeps the canaries' secret in the run folder (owner-only), for a resume."""
-  if not cfg.example_canaries or cfg.seed is not None:
+def save_example_secret(cfg: RunConfig,
+                        canaries: Optional[canary_examples.CanaryExamples]) -> None:
+  """Keeps the secret `canaries` were drawn from in the run folder (owner-only), for a
+  resume; nothing without example canaries, or with --seed (the seed is the secret)."""
+  if canaries is None or cfg.seed is not None:
     return
   path = os.path.join(cfg.run_dir, CANARY_EXAMPLES_SECRET)
-  secret = _example_secret(cfg)
-  files.write_atomic(path, f"{secret}\n".encode())
+  files.write_atomic(path, f"{canaries.secret}\n".encode())
   os.chmod(path, 0o600)
 
 
@@ -180,8 +182,7 @@ def example_audit(canaries: canary_examples.CanaryExamples, initial: Sequence[np
                   delta: float) -> dict:
   """The one-run audit of the released model: each canary scored by how far its
   coordinate moved the way its gradient pushes (SGD subtracts it: down)."""
-  model_delta = np.concatenate([np.asarray(r, np.float64).ravel() - np.asarray(i).ravel()
-                                for r, i in zip(released, initial)])
+  model_delta = _model_delta(initial, released)
   scores = -model_delta[canaries.coordinates(model_delta.size)]
   result = one_run_audit.audit(scores, canaries.included, delta, theoretical_epsilon)
   return result | {

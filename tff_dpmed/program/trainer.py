@@ -229,7 +229,7 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
                         show_progress: bool, hooks: loop.RoundHooks,
                         client_files: Optional[str] = None) -> dict:
   cfg, splits, info, mechanism = run.config, run.splits, run.splits.info, run.mechanism
-  canary_audit.save_example_secret(cfg)
+  canary_audit.save_example_secret(cfg, run.example_canaries)
   federated_data = client_datasets(run, client_files)
   process, release_client_metrics = build_process(run, federated_data)
   for key, value in mechanism.noise_choices().items():
