@@ -55,6 +55,11 @@ def _three(name: str, dataset: str, partition: str, flags: tuple) -> tuple:
 # Tuned on val (see README).
 RECIPES = (
     *_three("pneumonia_iid", "pneumoniamnist", "iid", _scatter(128, 4.0, 20)),
+    # Calibrated for eps 1, where the recipe above sits at the target: of six
+    # variants tried on val at eps 1 (B 128-384, lr 4-8, 10 or 20 rounds; two
+    # runs each), the best, 0.970 against 0.951 for the recipe above. Fewer,
+    # larger steps: less noise per step at the same budget.
+    *_three("pneumonia_iid_b256_r10", "pneumoniamnist", "iid", _scatter(256, 4.0, 10)),
     # Non-IID: one sampling rate for all hospitals and a size-weighted mean,
     # B=256 (the best of seven tried on val at eps 1)...
     *_three("pneumonia_dirichlet_b256", "pneumoniamnist", "dirichlet",

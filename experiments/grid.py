@@ -108,6 +108,9 @@ class StudySettings:
   # keeps its sampling amplification. False: seed=None, the seed only names a
   # replicate.
   seeded: bool = True
+  # True: every run takes part with client-level canaries (--audit=canary,
+  # Andrew et al. 2024), and its summary.json holds the empirical epsilon.
+  canary_audit: bool = False
 
   @property
   def runs_dir(self) -> str:
@@ -128,7 +131,8 @@ def run_config(point: GridPoint, settings: StudySettings) -> RunConfig:
   flat.update(dp_mode=point.mode, seed=point.seed if settings.seeded else None,
               output_dir=settings.runs_dir, experiment_name=point.name,
               noise_multiplier=point.noise_multiplier, target_epsilon=point.target_epsilon,
-              restart=False, audit=False, reproducible_sampling=False,
+              restart=False, audit="canary" if settings.canary_audit else "none",
+              reproducible_sampling=False,
               # The non-private baseline is a reference, not a release of the study.
               budget_ledger=None if point.mode == "none" else settings.budget_ledger)
   if point.mode == "local":

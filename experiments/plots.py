@@ -32,23 +32,28 @@ def _mean_std(values) -> tuple[float, float]:
 
 
 def plot_privacy_utility(groups: Sequence[dict], path: str, title: str = "") -> None:
-  """Test AUC (left) and membership-inference AUC (right) against epsilon.
+  """Test AUC, membership-inference AUC and, if the runs have it, the canary
+  audit's empirical epsilon, each against the theoretical epsilon.
 
   `groups` are the study's per-(mode, level) aggregates (see
   `report.aggregate`): each has "mode", "level", "values" (a dict of
-  lists over seeds: epsilon, test_auc, mia_auc) and "label" (e.g. "z=1.1").
-  Epsilon is on a log axis; error bars are the std over seeds; the
-  non-private baseline is a horizontal line (mean) with a band (std).
+  lists over seeds: epsilon, test_auc, mia_auc, empirical_epsilon) and "label"
+  (e.g. "z=1.1"). Epsilon is on a log axis; error bars are the std over
+  seeds; the non-private baseline is a horizontal line (mean) with a band
+  (std). On the empirical panel the diagonal is the accountant's bound.
   """
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-  for ax, metric, ylabel in ((axes[0], "test_auc", "test AUC"),
-                             (axes[1], "mia_auc", "membership-inference AUC (best attack)")):
+  panels = [("test_auc", "test AUC"), ("mia_auc", "membership-inference AUC (best attack)")]
+  if any(_finite(g["values"].get("empirical_epsilon", [])) for g in groups):
+    panels.append(("empirical_epsilon", "empirical ε (canary audit, mean ± sd)"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8))
+  for ax, (metric, ylabel) in zip(axes, panels):
     baseline = [g for g in groups if g["mode"] == "none"]
     if baseline:
       m, s = _mean_std(baseline[0]["values"][metric])
       if math.isfinite(m):
         ax.axhline(m, color=MODE_STYLE["none"]["color"], linestyle="--",
-                   label=f"no DP (ε = ∞): {m:.3f}")
+                   label=f"no DP (ε = ∞): {m:.3g}" if metric == "empirical_epsilon" else
+                   f"no DP (ε = ∞): {m:.3f}")
         ax.axhspan(m - s, m + s, color=MODE_STYLE["none"]["color"], alpha=0.15, linewidth=0)
     any_points = False
     for mode in ("central", "local"):
@@ -73,6 +78,13 @@ def plot_privacy_utility(groups: Sequence[dict], path: str, title: str = "") -> 
                     color=style["color"])
     if metric == "mia_auc":
       ax.axhline(0.5, color="0.6", linestyle=":", linewidth=1, label="chance (0.5)")
+    if metric == "empirical_epsilon":
+      theory = [e for g in groups if g["mode"] != "none" for e in _finite(g["values"]["epsilon"])]
+      if theory:
+        ends = [min(theory) / 2, max(theory) * 2]
+        ax.plot(ends, ends, color="0.4", linestyle=":", label="theoretical bound (ε_emp = ε)")
+      ax.set_yscale("symlog", linthresh=0.1)
+      ax.set_ylim(bottom=0)
     if any_points:
       ax.set_xscale("log")
       _plain_log_ticks(ax)

@@ -7,16 +7,18 @@
 Trains one run per (DP mode, noise multiplier z, seed) with the library's
 training program (`RunConfig` -> `trainer.prepare` -> `trainer.train`): `none`
 once per seed, `central` and `local` once per z and seed (or per
-`--target_epsilons` value instead of z). Every finished run is audited with
-`tff_dpmed.program.audit` (members: the train split; non-members: the test
-split). Each run lives in `<output_dir>/runs/<mode>_z<z>_s<seed>/` (`none_s<seed>`
+`--target_epsilons` value instead of z). Each run trains with client-level
+canaries (`--audit=canary`; off with --nocanary_audit), so its summary holds
+the empirical epsilon beside the theoretical one. Every finished run is also
+audited by membership inference with `tff_dpmed.program.audit` (members: the
+train split; non-members: the test split). Each run lives in `<output_dir>/runs/<mode>_z<z>_s<seed>/` (`none_s<seed>`
 for the baseline, `<mode>_eps<E>_s<seed>` with --target_epsilons). Rerunning
 the same command skips runs that have a summary.json (and audits those
 without an audit.json); an interrupted run resumes from its checkpoint.
 
 Outputs in <output_dir>/: results.csv (one row per run), results.md (mean ±
 std per mode and z, with the command and git commit), privacy_utility.png
-(test AUC and MIA AUC against epsilon) and training_curves.png (val AUC per
+(test AUC, MIA AUC and empirical epsilon against epsilon) and training_curves.png (val AUC per
 round at --curve_noise_multiplier).
 
 This is the command line; the grid is `experiments.grid`, running it
@@ -88,6 +90,9 @@ def _define_flags() -> None:
                  "--noise_multipliers; default: the middle one).")
   f.DEFINE_float("curve_target_epsilon", None, "With --target_epsilons: the value for "
                  "training_curves.png (default: the middle one).")
+  f.DEFINE_bool("canary_audit", True, "Train every run with client-level canaries "
+                "(--audit=canary of the trainer) and report its empirical epsilon beside the "
+                "theoretical one. They take part as clients (not in the utility metrics).")
   f.DEFINE_integer("audit_max_examples", 2000, "Members and non-members per audit (at most).")
   f.DEFINE_integer("audit_seed", 0, "Seed of the audit's subsampling and attacks.")
   f.DEFINE_enum("audit_nonmembers", "test", list(audit.NONMEMBER_SPLITS), "The audit's "
@@ -158,7 +163,7 @@ def main(argv):
                            audit_seed=FLAGS.audit_seed,
                            audit_nonmembers=FLAGS.audit_nonmembers,
                            keep_checkpoints=FLAGS.keep_checkpoints,
-                           seeded=FLAGS.seeded)
+                           seeded=FLAGS.seeded, canary_audit=FLAGS.canary_audit)
   for p in points:  # Every config is checked (by its construction) before anything runs.
     run_config(p, settings)
   if len(levels) < 5 or len(points) and len({p.seed for p in points}) < 3:

@@ -19,14 +19,17 @@ import numpy as np
 from tff_dpmed.files import write_atomic
 from tff_dpmed.privacy.budget import BudgetLedger
 from tff_dpmed.program import audit
+from tff_dpmed.program.config import DEFAULT_NUM_CANARIES
 from experiments import plots
 from experiments.grid import MODES, GridPoint, StudySettings
 from experiments.runner import read_summary
 
-CSV_COLUMNS = ("mode", "z", "epsilon", "delta", "test_accuracy", "test_auc", "mia_auc",
-               "mia_advantage", "wall_seconds", "seed", "target_epsilon", "run")
+CSV_COLUMNS = ("mode", "z", "epsilon", "delta", "empirical_epsilon", "empirical_epsilon_low",
+               "empirical_epsilon_high", "canary_violation", "test_accuracy", "test_auc",
+               "mia_auc", "mia_advantage", "wall_seconds", "seed", "target_epsilon", "run")
 # Aggregated in results.md, in this order.
-_TABLE_METRICS = (("epsilon", "ε"), ("test_auc", "test AUC"), ("test_accuracy", "test accuracy"),
+_TABLE_METRICS = (("epsilon", "ε"), ("empirical_epsilon", "empirical ε (canary)"),
+                  ("test_auc", "test AUC"), ("test_accuracy", "test accuracy"),
                   ("mia_auc", "MIA AUC"), ("mia_advantage", "MIA advantage"),
                   ("wall_seconds", "wall s"))
 RESULTS_CSV, RESULTS_MD = "results.csv", "results.md"
@@ -47,11 +50,17 @@ def collect_rows(points: Sequence[GridPoint], settings: StudySettings) -> list:
       continue
     result = audit.load_audit(run_dir) or {}
     privacy = summary["privacy"]
+    canary = summary.get("audit") or {}  # --audit=canary's result, if the study ran it.
+    low, high = canary.get("epsilon_ci") or (None, None)
     rows.append({
         "mode": p.mode,
         "z": summary["config"].get("noise_multiplier") if p.mode != "none" else None,
         "epsilon": privacy.get("epsilon"),
         "delta": privacy.get("delta"),
+        "empirical_epsilon": canary.get("epsilon_estimate"),
+        "empirical_epsilon_low": low,
+        "empirical_epsilon_high": high,
+        "canary_violation": canary.get("violation"),
         "test_accuracy": summary.get("test_accuracy"),
         "test_auc": summary.get("test_auc"),
         "mia_auc": result.get("attack_auc"),
@@ -149,8 +158,21 @@ def results_markdown(rows: Sequence[dict], command: str, commit: str,
       "0.5 is chance).",
       "",
   ]
+  audited = any(r.get("empirical_epsilon") is not None for r in rows)
+  metrics = [(m, title) for m, title in _TABLE_METRICS
+             if audited or m != "empirical_epsilon"]
+  if audited:
+    violations = sum(bool(r.get("canary_violation")) for r in rows)
+    lines += [
+        "Empirical ε is the client-level canary audit's estimate at the run's δ (one-shot "
+        "estimation, Andrew et al. 2024: canary clients inside the run, the released model "
+        "only), mean ± std over seeds; results.csv has each run's 95% interval. It is a lower "
+        "estimate against one attack, not a proof of privacy; a run whose interval lies "
+        f"entirely above its ε is a violation: {violations} of {len(rows)} runs.",
+        "",
+    ]
   level_header = "target ε | z" if by_target else "z"
-  header = ["mode", level_header, "runs"] + [title for _, title in _TABLE_METRICS]
+  header = ["mode", level_header, "runs"] + [title for _, title in metrics]
   lines.append("| " + " | ".join(header) + " |")
   lines.append("|" + "|".join(["---"] * len(header)) + "|")
   for g in groups:
@@ -161,8 +183,8 @@ def results_markdown(rows: Sequence[dict], command: str, commit: str,
     else:
       level = f"{g['level']:g}"
     cells = [g["mode"], level, str(len(g["seeds"]))]
-    for metric, _ in _TABLE_METRICS:
-      cells.append(_mean_pm_std(g, metric, "eps" if metric == "epsilon" else
+    for metric, _ in metrics:
+      cells.append(_mean_pm_std(g, metric, "eps" if "epsilon" in metric else
                                 ".0f" if metric == "wall_seconds" else ".3f"))
     lines.append("| " + " | ".join(cells) + " |")
   if budget_line:
@@ -263,4 +285,7 @@ def describe_setting(base: dict, settings: StudySettings) -> str:
              "same. " if settings.seeded else
              "Runs are unseeded; the seed only names a replicate. ")
           + "DP runs sample their cohorts unseeded (the no-DP baseline's follow the seed), so "
-          "ε is reported with the amplification of sampling.")
+          "ε is reported with the amplification of sampling."
+          + (f" Every run trains with {DEFAULT_NUM_CANARIES} canary clients (--audit=canary), "
+             "sampled as the hospitals are and left out of the utility metrics."
+             if settings.canary_audit else ""))

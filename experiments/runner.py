@@ -52,6 +52,8 @@ def finished_run_differences(cfg: RunConfig, done: dict) -> list:
   """
   wanted = cfg.to_json()
   changed = [k for k in run_dir_lib.RESUME_KEYS + ("rounds",) if done.get(k) != wanted.get(k)]
+  if run_dir_lib.canary_settings(done) != run_dir_lib.canary_settings(wanted):
+    changed.append("canaries (--audit)")
   if wanted["noise_multiplier"] is None:
     if done.get("target_epsilon") != wanted["target_epsilon"]:
       changed.append("target_epsilon")

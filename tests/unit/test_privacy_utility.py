@@ -33,7 +33,7 @@ def _settings(tmp_path, **base):
 
 
 def _fake_finished_run(point, settings, *, test_auc, epsilon=None, mia_auc=0.55,
-                       rounds=4, audit=True):
+                       rounds=4, audit=True, canary=None):
   """What trainer.train and audit.audit_run leave in a run folder."""
   cfg = grid.run_config(point, settings)
   run_dir = settings.run_dir(point)
@@ -45,6 +45,8 @@ def _fake_finished_run(point, settings, *, test_auc, epsilon=None, mia_auc=0.55,
              "wall_seconds": 40.0,
              "privacy": {"dp_mode": point.mode, "epsilon": epsilon,
                          "delta": None if point.mode == "none" else config["delta"]}}
+  if canary is not None:  # What --audit=canary leaves in summary.json.
+    summary["audit"] = canary
   with open(os.path.join(run_dir, "summary.json"), "w") as f:
     json.dump(summary, f)
   if audit:
@@ -320,3 +322,53 @@ def test_git_commit_is_the_checkouts_head():
   commit = report.git_commit(str(REPO_ROOT))
   assert len(commit.split()[0]) == 40
   assert report.git_commit("/") .startswith("unknown")
+
+
+def _png_width(path) -> int:
+  with open(path, "rb") as f:
+    return int.from_bytes(f.read(24)[16:20], "big")  # IHDR width.
+
+
+def test_canary_studies_report_the_empirical_epsilon_beside_the_theoretical(tmp_path):
+  settings = dataclasses.replace(_settings(tmp_path), canary_audit=True)
+  points = grid.make_grid(["none", "central"], [0, 1, 2], [1.0])
+  for p in points:
+    assert grid.run_config(p, settings).audit == "canary"
+    # Estimates 0.4, 0.5, 0.6 under DP (theory 5); 80, 90, 100 without noise.
+    estimate = (0.4 if p.mode == "central" else 80) * (1 + p.seed / (4 if p.mode == "central"
+                                                                     else 8))
+    _fake_finished_run(p, settings, test_auc=0.8, epsilon=5.0 if p.mode == "central" else None,
+                       canary={"epsilon_estimate": estimate,
+                               "epsilon_ci": [estimate / 2, estimate * 2],
+                               "violation": p.seed == 2 and p.mode == "central"})
+  rows = report.write_outputs(points, settings, "cmd", "c0", curve_level=1.0)
+  md = open(os.path.join(settings.output_dir, report.RESULTS_MD)).read()
+  header = next(line for line in md.splitlines() if line.startswith("| mode"))
+  assert "| ε | empirical ε (canary) |" in header
+  lines = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+  assert "| 5 ± 0 | 0.5 ± 0.1 |" in lines["central"]
+  assert "| ∞ (no DP) | 90 ± 10 |" in lines["none"]
+  assert "a violation: 1 of 6 runs" in md
+  with open(os.path.join(settings.output_dir, report.RESULTS_CSV)) as f:
+    by_run = {r["run"]: r for r in csv.DictReader(f)}
+  assert float(by_run["central_z1_s1"]["empirical_epsilon"]) == pytest.approx(0.5)
+  assert float(by_run["central_z1_s1"]["empirical_epsilon_high"]) == pytest.approx(1.0)
+  assert len(rows) == 6
+  # A third panel (empirical against theoretical epsilon): 18 inches wide, not 12.
+  with_canaries = _png_width(os.path.join(settings.output_dir, report.PRIVACY_UTILITY_PNG))
+  plain_points, plain = _fake_study(tmp_path / "plain")
+  report.write_outputs(plain_points, plain, "cmd", "c0", curve_level=1.0)
+  without = _png_width(os.path.join(plain.output_dir, report.PRIVACY_UTILITY_PNG))
+  assert with_canaries == pytest.approx(without * 1.5, rel=0.05)
+  assert "empirical ε" not in open(os.path.join(plain.output_dir, report.RESULTS_MD)).read()
+
+
+def test_a_run_without_canaries_is_not_reused_by_a_canary_study(tmp_path):
+  settings = _settings(tmp_path)
+  point = grid.GridPoint("central", 0, noise_multiplier=1.0)
+  run_dir = _fake_finished_run(point, settings, test_auc=0.8, epsilon=5.0)
+  canaries = dataclasses.replace(settings, canary_audit=True)
+  summary = runner.read_summary(run_dir)
+  with pytest.raises(UsageError, match="canaries"):
+    runner.check_finished_run_matches(run_dir, grid.run_config(point, canaries), summary)
+  runner.check_finished_run_matches(run_dir, grid.run_config(point, settings), summary)

@@ -3,8 +3,8 @@
 Client level (central, local, none): the plan (`plan_for`) says which client
 ids are canaries and what they send (`federated.canaries`); the trainer
 inserts them, and after training `audit` compares the released model's delta
-with the canaries' directions and with never-inserted ones
-(`privacy.canary_estimate`).
+with the canaries' directions, against the exact null of directions never
+inserted (`privacy.canary_estimate`).
 
 Example level (`--dp_mode=example`): gradient canary examples
 (`data.canary_examples`), drawn from a secret kept in the run folder, each in
@@ -32,9 +32,6 @@ from tff_dpmed.privacy.spec import DPMode
 from tff_dpmed.program.config import RunConfig
 from tff_dpmed.program.run_dir import CANARY_EXAMPLES_SECRET, CANARY_INITIAL_WEIGHTS
 
-# Directions never inserted: their cosines are the audit's null sample. They
-# cost nothing in training (only cosines after it), so there are plenty.
-NUM_UNSEEN_DIRECTIONS = 1000
 # With adaptive clipping the clip norm moves, so canaries are sent far above
 # any clip norm and the aggregator clips each to exactly the round's clip, as
 # it does the largest real update. (They then count as clipped in the
@@ -90,8 +87,7 @@ def initial_trainable(run_dir: str, initial: Sequence[np.ndarray], resumed: bool
 
 def audit(plan: canaries_lib.CanaryPlan, initial: Sequence[np.ndarray],
           released: Sequence[np.ndarray], theoretical_epsilon: Optional[float],
-          delta: float, dp_mode: DPMode,
-          num_unseen: int = NUM_UNSEEN_DIRECTIONS) -> dict:
+          delta: float, dp_mode: DPMode) -> dict:
   """The canary audit of the released model, JSON-ready (`canary_estimate.estimate`'s dict).
 
   Args:
@@ -101,12 +97,13 @@ def audit(plan: canaries_lib.CanaryPlan, initial: Sequence[np.ndarray],
     theoretical_epsilon: the run's epsilon (None without DP).
     delta: the run's delta; the estimate is epsilon at this delta.
     dp_mode: recorded beside the result.
-    num_unseen: directions never inserted.
   """
   model_delta = _model_delta(initial, released)
   inserted = _cosines(plan, range(plan.num_canaries), model_delta)
-  unseen = _cosines(plan, range(plan.num_canaries, plan.num_canaries + num_unseen), model_delta)
-  result = canary_estimate.estimate(inserted, unseen, delta, theoretical_epsilon, seed=plan.seed)
+  # The exact null rather than sampled unseen directions: drawing 1,000 of them
+  # cost a 20-round run 9 s (canary_estimate).
+  result = canary_estimate.estimate(inserted, None, delta, theoretical_epsilon, seed=plan.seed,
+                                    dimension=model_delta.size)
   return result | {"dp_mode": dp_mode.value, "canary_norm": plan.norm,
                    "model_dimension": int(model_delta.size),
                    "threat_model": "an adversary who sees only the released model (the "

@@ -165,7 +165,7 @@ class RunFolder:
       raise UsageError(
           f"{self.path} holds a run with different {', '.join(changed)}: rerun with the same "
           "flags to resume, pass --restart to discard it, or use another --experiment_name")
-    old_canaries, new_canaries = _canaries(old_config), _canaries(new_config)
+    old_canaries, new_canaries = canary_settings(old_config), canary_settings(new_config)
     if old_canaries != new_canaries:
       raise UsageError(
           f"{self.path} holds a run with other canaries (--audit, --num_canaries, "
@@ -229,7 +229,7 @@ class RunFolder:
     return state, ledger
 
 
-def _canaries(config: dict) -> Optional[tuple]:
+def canary_settings(config: dict) -> Optional[tuple]:
   """The canary settings a run's flat config trains with (None: no canaries)."""
   if config.get("audit") != "canary":  # Also a bool --audit of older runs: no canaries.
     return None

@@ -400,8 +400,7 @@ def _finish(run: PreparedRun, process, state: loop.ProgramState, ledger: Privacy
         run.example_canaries, audit_start, final_weights[:len(audit_start)],
         summary["privacy"]["epsilon"], run.mechanism.spec.delta)
   elif cfg.audit == "canary":
-    _log(f"note: running the canary audit ({cfg.canary_count} canaries, "
-         f"{canary_audit.NUM_UNSEEN_DIRECTIONS} unseen directions, final model only)")
+    _log(f"note: running the canary audit ({cfg.canary_count} canaries, final model only)")
     summary["audit"] = canary_audit.audit(
         canary_audit.plan_for(cfg), audit_start, final_weights[:len(audit_start)],
         summary["privacy"]["epsilon"], run.mechanism.spec.delta, run.mechanism.spec.mode)
