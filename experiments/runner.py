@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -18,6 +19,7 @@ from absl import logging
 import tqdm
 
 from tff_dpmed.errors import UsageError
+from tff_dpmed.federated import worker_process
 from tff_dpmed.privacy.spec import DPSpec
 from tff_dpmed.program import audit
 from tff_dpmed.program import run_dir as run_dir_lib
@@ -120,6 +122,23 @@ def _train_and_audit_in_subprocess(point: GridPoint, settings: StudySettings) ->
   return train_and_audit(point, settings)
 
 
+def _stop_with_the_study(study_pid: int) -> None:
+  # SIGTERM, as a user's stop: the run checkpoints and stops its TFF worker.
+  worker_process.set_parent_death_signal(signal.SIGTERM)
+  if os.getppid() != study_pid:  # The study died while this process was starting.
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def study_pool(parallel: int) -> concurrent.futures.ProcessPoolExecutor:
+  """`parallel` fresh processes, one per run, that stop when the study's process dies.
+
+  Without the death signal a killed study left its runs training, orphaned.
+  """
+  return concurrent.futures.ProcessPoolExecutor(
+      max_workers=parallel, mp_context=multiprocessing.get_context("spawn"),
+      max_tasks_per_child=1, initializer=_stop_with_the_study, initargs=(os.getpid(),))
+
+
 def run_grid(points: Sequence[GridPoint], settings: StudySettings, parallel: int = 1,
              show_progress: bool = True,
              run_fn: Callable[[GridPoint, StudySettings], str] = train_and_audit) -> dict:
@@ -159,9 +178,7 @@ def run_grid(points: Sequence[GridPoint], settings: StudySettings, parallel: int
         except (trainer.TrainingError, UsageError) as e:
           done(p, f"failed: {type(e).__name__}: {e}")
     else:
-      ctx = multiprocessing.get_context("spawn")
-      with concurrent.futures.ProcessPoolExecutor(max_workers=parallel, mp_context=ctx,
-                                                  max_tasks_per_child=1) as pool:
+      with study_pool(parallel) as pool:
         futures = {pool.submit(_train_and_audit_in_subprocess, p, settings): p for p in todo}
         for future in concurrent.futures.as_completed(futures):
           try:

@@ -72,9 +72,14 @@ class IsolationError(WorkerError):
   """This machine cannot run the worker in a private network namespace."""
 
 
-def _die_with_parent() -> None:  # Runs in the child between fork and exec.
+def set_parent_death_signal(sig: int) -> None:
+  """Linux delivers `sig` to this process when its parent dies, however the parent died."""
   libc = ctypes.CDLL("libc.so.6", use_errno=True)
-  libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+  libc.prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def _die_with_parent() -> None:  # Runs in the child between fork and exec.
+  set_parent_death_signal(signal.SIGKILL)
   # Our terminal's Ctrl-C must reach the owner first (the trainer, to checkpoint).
   os.setpgrp()
 
