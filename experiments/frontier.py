@@ -108,6 +108,11 @@ ROWS = (
         "pneumoniamnist", "iid", "central", _hospital_level(), _CENTRAL_WHY),
     Row("pneumonia_dirichlet_central", "hospital-level central DP, 10 hospitals, Dirichlet 0.5",
         "pneumoniamnist", "dirichlet", "central", _hospital_level(), _CENTRAL_WHY),
+    # DP-FTRL (issue 14): the same steps, with the noise of a tree over the
+    # rounds instead of fresh noise each round.
+    Row("pneumonia_iid_central_tree", "hospital-level DP-FTRL (tree noise), 10 hospitals, IID",
+        "pneumoniamnist", "iid", "central_tree", _hospital_level(),
+        "the pneumonia_iid_central recipe, untuned"),
     Row("pneumonia_iid_local", "hospital-level local DP, 10 hospitals, IID", "pneumoniamnist",
         "iid", "local", _hospital_level(), _LOCAL_WHY),
     # One data holder with all the data: DP-SGD as a central trainer runs it,

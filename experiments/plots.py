@@ -12,6 +12,7 @@ from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-impor
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MODE_STYLE = {"central": {"color": "tab:blue", "marker": "o", "label": "central DP"},
+              "central_tree": {"color": "tab:purple", "marker": "D", "label": "DP-FTRL"},
               "local": {"color": "tab:red", "marker": "s", "label": "local DP"},
               "none": {"color": "0.3", "marker": None, "label": "no DP"},
               "example": {"color": "tab:green", "marker": "^", "label": "example-level DP"}}

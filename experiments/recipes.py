@@ -34,7 +34,7 @@ class Recipe:
   name: str
   dataset: str
   partition: str
-  mode: str                        # The trainer's --dp_mode: example, central or local.
+  mode: str                        # The trainer's --dp_mode.
   target_epsilon: Optional[float]  # None: the same recipe with z = 0 (not private).
   flags: tuple                     # Everything else the recipe sets.
 

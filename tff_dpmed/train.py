@@ -67,7 +67,8 @@ flags.DEFINE_float("server_learning_rate", _D.server_learning_rate, "Server lear
 flags.DEFINE_float("server_momentum", _D.server_momentum, "Server SGD momentum (0 = none).")
 # Privacy.
 flags.DEFINE_enum("dp_mode", _D.dp_mode, choices(DPMode), "central: the server adds noise once to "
-                  "the clipped sum; local: each client noises its own update; example: DP-SGD "
+                  "the clipped sum; central_tree: DP-FTRL, tree-aggregated noise over the "
+                  "rounds (--sampling=all, --clip_mode=fixed); local: each client noises its own update; example: DP-SGD "
                   "inside each client (patient-level DP; needs --clip_mode=fixed, --clip is the "
                   "per-example clip); none: baseline.")
 flags.DEFINE_enum("client_dp", _D.client_dp, ("none", "central"), "With --dp_mode=example: "

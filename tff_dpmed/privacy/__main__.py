@@ -184,7 +184,7 @@ def main(argv: list[str]) -> None:
           "allows publishing a whole client's data; use a smaller --delta")
   if not cohort_used and _CLIENTS_PER_ROUND.value is not None and private:
     print("note: --clients_per_round does not change epsilon here "
-          f"({'local DP' if not mechanism.amplified_by_sampling else 'example-level DP' if mode is DPMode.EXAMPLE else 'sampling=all'})")
+          f"({'local DP' if mode is DPMode.LOCAL else 'example-level DP' if mode is DPMode.EXAMPLE else 'sampling=all'})")
   if mechanism.tracks_participation():
     print(f"local DP worst case: a client in all {rounds} rounds, "
           f"{rounds} x Gaussian({z / 2:g}); never less than the true worst client")

@@ -182,6 +182,7 @@ def clear_caches() -> None:
   """Forgets cached accountants (for benchmarks)."""
   _engine.cache_clear()
   _pld_supports.cache_clear()
+  _run_event_epsilon.cache_clear()
 
 
 def check_rounds(rounds) -> int:
@@ -202,8 +203,23 @@ def epsilon_after(spec: DPSpec, compositions: int) -> float:
   """
   mechanism = mechanisms.for_spec(mechanisms.require_calibrated(spec))
   count = check_rounds(compositions)
+  if mechanism.run_event(count) is not None:
+    return _run_event_epsilon(spec, count)
   return max(_engine(spec, term).epsilon(count * per_step)
              for term, (_, per_step) in enumerate(mechanism.accounting_terms()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _run_event_epsilon(spec: DPSpec, rounds: int) -> float:
+  """Epsilon of a mechanism whose `rounds` rounds are one event (DP-FTRL's tree)."""
+  event = mechanisms.for_spec(spec).run_event(rounds)
+  if isinstance(event, dp_accounting.NoOpDpEvent):
+    return 0.0
+  if isinstance(event, dp_accounting.NonPrivateDpEvent):
+    return math.inf
+  kind = resolve_accountant(spec)
+  accountant = make_accountant(spec, 1, kind, event).compose(event)
+  return float(accountant.get_epsilon(spec.delta))
 
 
 def epsilon_for_rounds(spec: DPSpec, rounds: int) -> float:

@@ -11,6 +11,7 @@ import dp_accounting
 
 from tff_dpmed.errors import UsageError
 from tff_dpmed.privacy import accounting
+from tff_dpmed.privacy import mechanisms
 from tff_dpmed.privacy.spec import DPMode, DPSpec
 
 # Search range for z. Above 1e4 the updates are pure noise for any model.
@@ -97,6 +98,9 @@ def calibrate_noise_multiplier(setting: DPSpec, rounds: int, target_epsilon: flo
 
   def make_event(z: float) -> dp_accounting.DpEvent:
     state["setting"] = with_z(z)
+    whole_run = mechanisms.for_spec(state["setting"]).run_event(rounds)
+    if whole_run is not None:  # Rounds that are one release (DP-FTRL's tree).
+      return whole_run
     return dp_accounting.SelfComposedDpEvent(
         accounting.accounted_event(state["setting"], kind), rounds)
 

@@ -1,4 +1,5 @@
-"""Central DP's TFF aggregator: the server clips each client update and noises the sum.
+"""Central DP's TFF aggregators: the server clips each client update and noises the sum
+(Gaussian per round, or tree-aggregated over rounds for DP-FTRL).
 
 A thin layer over `tff.aggregators.DifferentiallyPrivateFactory` (TF Privacy's
 Gaussian sum queries, normalised by the expected cohort size, so the
@@ -8,6 +9,7 @@ cohorts of hospital federations, come from `mechanisms.CentralGaussian`.
 """
 
 import tensorflow_federated as tff
+from tensorflow_federated.python.core.impl.types import type_conversions
 
 
 def build_factory(mechanism) -> tff.aggregators.UnweightedAggregationFactory:
@@ -22,3 +24,28 @@ def build_factory(mechanism) -> tff.aggregators.UnweightedAggregationFactory:
       target_unclipped_quantile=float(spec.target_unclipped_quantile),
       learning_rate=float(spec.adaptive_clip_learning_rate),
       clipped_count_stddev=float(spec.count_stddev))
+
+
+class _TreeFactory(tff.aggregators.UnweightedAggregationFactory):
+  """TFF's `tree_aggregation` factory, made when the update's type is known.
+
+  TFF's classmethod needs the record specs up front; the process builder only
+  knows them when it calls `create`.
+  """
+
+  def __init__(self, noise_multiplier: float, clients_per_round: float, clip: float):
+    self._args = dict(noise_multiplier=noise_multiplier, clients_per_round=clients_per_round,
+                      l2_norm_clip=clip)
+
+  def create(self, value_type):
+    specs = type_conversions.type_to_tf_tensor_specs(value_type)
+    # noise_seed=None: TF Privacy draws the tree's seeds at random on initialize.
+    return tff.aggregators.DifferentiallyPrivateFactory.tree_aggregation(
+        record_specs=specs, noise_seed=None, use_efficient=True, **self._args).create(value_type)
+
+
+def build_tree_factory(mechanism) -> tff.aggregators.UnweightedAggregationFactory:
+  """The factory for a `mechanisms.CentralTreeFTRL`: tree-noised mean of clipped updates."""
+  spec = mechanism.spec
+  return _TreeFactory(float(spec.noise_multiplier), float(spec.clients_per_round),
+                      float(spec.clip))

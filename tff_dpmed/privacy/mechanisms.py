@@ -113,6 +113,16 @@ class Mechanism(abc.ABC):
     del max_participation
     return rounds
 
+  def run_event(self, rounds: int) -> Optional[dp_accounting.DpEvent]:
+    """The whole release of `rounds` rounds as one event, for mechanisms whose rounds
+    are not independent releases (a tree over rounds); None: compose per round."""
+    del rounds
+    return None
+
+  # Whether the aggregator's state holds its noise's seed, so a checkpoint of
+  # the server state could undo the noise (see CentralTreeFTRL).
+  state_holds_noise_seed: ClassVar[bool] = False
+
   def tracks_participation(self) -> bool:
     """Whether the ledger must count each client's rounds (see `compositions`)."""
     return False
@@ -268,6 +278,85 @@ class CentralGaussian(Mechanism):
                    f"stddev {stddev:g} (multiplier {2 * stddev:g}) compose to exactly "
                    f"z = {z:g}")
     return lines
+
+
+def tree_sensitivity_square_sum(rounds: int) -> int:
+  """Sum over a tree's released nodes of (a client's contribution / C)^2, when the
+  client is in every one of `rounds` rounds (leaves).
+
+  The prefix sums of `rounds` leaves are read from the complete dyadic nodes:
+  rounds // 2^h of them at height h, each summing 2^h of the client's clipped
+  updates. (TF Privacy's dynamic programme for any participation pattern,
+  `tree_aggregation_accountant`, gives the same; a test pins them.)
+  """
+  return sum((rounds >> h) * 4**h for h in range(max(rounds, 1).bit_length()))
+
+
+class CentralTreeFTRL(Mechanism):
+  """DP-FTRL (Kairouz et al. 2021): tree-aggregated noise on the prefix sums of rounds.
+
+  Every hospital takes part in every round (no sampling, so nothing to
+  amplify). The server clips each update to C, sums, and adds the noise of a
+  binary tree over the rounds (TFF's `DifferentiallyPrivateFactory.
+  tree_aggregation`, TF Privacy's `TreeResidualSumQuery`, Honaker's efficient
+  estimator): each tree node has N(0, (zC)^2), and round t releases the
+  difference of the noised prefix sums up to t and t-1, which the server
+  optimizer applies. The rounds are not independent releases: together, the
+  first T are the Gaussian mechanism on all tree nodes, whose sensitivity is
+  sqrt(S(T)) C for a client in all T rounds (`tree_sensitivity_square_sum`),
+  so they are one G(z / sqrt(S(T))) event (`run_event`). TF Privacy's tree
+  queries record no DP event (UnsupportedDpEvent): this is the accounting.
+
+  The tree's noise is drawn from seeds kept in the aggregator's state, so a
+  checkpoint of the server state could replay it: the trainer keeps the
+  checkpoints owner-only, saves one after every round before anything of the
+  round is released (a resume never re-runs a released round with the same
+  noise), and deletes them when the run finishes.
+  """
+
+  mode = DPMode.CENTRAL_TREE
+  amplified_by_sampling = False
+  state_holds_noise_seed = True
+
+  def release_event(self) -> dp_accounting.DpEvent:
+    """One tree node: the clipped sum of a round moves by C, noise zC."""
+    return dp_accounting.GaussianDpEvent(self.spec.noise_multiplier)
+
+  def run_event(self, rounds: int) -> dp_accounting.DpEvent:
+    z = self.spec.noise_multiplier
+    if rounds == 0:
+      return dp_accounting.NoOpDpEvent()
+    if z == 0:
+      return dp_accounting.NonPrivateDpEvent()
+    return dp_accounting.GaussianDpEvent(z / math.sqrt(tree_sensitivity_square_sum(rounds)))
+
+  @property
+  def neighboring_relation(self) -> events.NeighboringRelation:
+    return events.NeighboringRelation.ADD_OR_REMOVE_ONE
+
+  def aggregator(self):
+    from tff_dpmed.privacy import central_dp  # TFF: only when a process is built.
+    return central_dp.build_tree_factory(self)
+
+  def noise_choices(self) -> dict[str, Any]:
+    s = self.spec
+    z, n = s.noise_multiplier, float(s.clients_per_round)
+    return {"dp_mode": "central_tree", "clip_mode": "fixed", "clip": s.clip,
+            "noise_multiplier": z, "clients_per_round": n, "noise_stddev_per_tree_node": z * s.clip,
+            "noise_seeded": False,
+            "why": (f"fixed clip {s.clip:g}: each node of the tree over rounds gets "
+                    f"N(0, ({z:g} * {s.clip:g})^2); round t applies the difference of the "
+                    f"noised prefix sums to t and t-1, divided by {n:g} clients")}
+
+  def describe(self) -> list[str]:
+    s = self.spec
+    return [f"sampling: all {s.num_clients} clients every round (DP-FTRL; no amplification)",
+            "neighbouring relation: add/remove one client, who is in every round",
+            f"tree aggregation: N(0, (zC)^2) per tree node, z = {s.noise_multiplier:g}; T rounds "
+            "are one Gaussian mechanism G(z / sqrt(S(T))), S(T) = sum over the released nodes "
+            "of the client's share squared (S(T) ~ 2 T^2)",
+            "the aggregator's state holds the noise seeds: checkpoints are owner-only and "
+            "deleted at the end of the run"]
 
 
 class LocalGaussian(Mechanism):
@@ -455,13 +544,18 @@ class ExampleDPSGD(Mechanism):
 
 
 _BY_MODE: dict[DPMode, type[Mechanism]] = {
-    DPMode.NONE: NoDP, DPMode.CENTRAL: CentralGaussian, DPMode.LOCAL: LocalGaussian,
-    DPMode.EXAMPLE: ExampleDPSGD}
+    DPMode.NONE: NoDP, DPMode.CENTRAL: CentralGaussian, DPMode.CENTRAL_TREE: CentralTreeFTRL,
+    DPMode.LOCAL: LocalGaussian, DPMode.EXAMPLE: ExampleDPSGD}
 
 
 def for_spec(spec: DPSpec) -> Mechanism:
   """The mechanism `spec` asks for."""
   return _BY_MODE[spec.mode](spec)
+
+
+def class_for(mode: DPMode) -> type[Mechanism]:
+  """The mechanism class of `mode` (its class attributes, before z is calibrated)."""
+  return _BY_MODE[mode]
 
 
 def require_calibrated(spec: DPSpec) -> DPSpec:
@@ -502,5 +596,5 @@ def _compare_events(ours: dp_accounting.DpEvent, theirs: dp_accounting.DpEvent,
     problems.append(f"{path}: {ours} accounted, TFF has {theirs}")
 
 
-__all__: Sequence[str] = ("CentralGaussian", "ExampleDPSGD", "LocalGaussian", "Mechanism", "NoDP",
-                          "for_spec", "require_calibrated")
+__all__: Sequence[str] = ("CentralGaussian", "CentralTreeFTRL", "ExampleDPSGD", "LocalGaussian",
+                          "Mechanism", "NoDP", "class_for", "for_spec", "require_calibrated")

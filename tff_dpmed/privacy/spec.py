@@ -22,6 +22,8 @@ from tff_dpmed.errors import UsageError
 class DPMode(str, enum.Enum):
   """Where the noise is added (one `mechanisms.Mechanism` class each)."""
   CENTRAL = "central"
+  # DP-FTRL: the server noises prefix sums over rounds by tree aggregation.
+  CENTRAL_TREE = "central_tree"
   LOCAL = "local"
   EXAMPLE = "example"
   NONE = "none"
@@ -103,7 +105,8 @@ class DPSpec:
   """The privacy of one run.
 
   Attributes:
-    mode: Where noise is added: central (server), local (each client), none.
+    mode: Where noise is added: central (server), central_tree (server, DP-FTRL's
+      tree over rounds), local (each client), example (DP-SGD in each client), none.
     noise_multiplier: z, noise stddev in units of the clip norm. With
       adaptive clipping, TFF's *total effective* multiplier. None only while
       it is still to be calibrated from a target epsilon
@@ -215,6 +218,11 @@ class DPSpec:
       return
     self._validate_clipping()
     self._validate_example_level()
+    if self.mode is DPMode.CENTRAL_TREE and self.sampling is not Sampling.ALL:
+      raise UsageError(
+          f"--dp_mode=central_tree (DP-FTRL) is for every client in every round and is "
+          f"accounted so; --sampling={self.sampling.value} would waste its budget: use "
+          "--sampling=all with --clients_per_round=--num_clients, or --dp_mode=central")
     if self.sampling is Sampling.ALL and m != n:
       raise UsageError(
           f"--sampling=all means every client every round, but --clients_per_round={m} != "
@@ -314,6 +322,10 @@ class DPSpec:
       raise UsageError(f"--clip={clip:g} must be a positive float32 (between 1.2e-38 and "
                        "3.4e38): use a clip norm such as 0.1")
     object.__setattr__(self, "clip", clip)
+    if self.mode is DPMode.CENTRAL_TREE and self.clip_mode is ClipMode.ADAPTIVE:
+      raise UsageError(
+          "adaptive clipping is not supported with --dp_mode=central_tree: its clip-norm "
+          "query would need its own tree; use --clip_mode=fixed with --clip")
     if self.mode is DPMode.LOCAL and self.clip_mode is ClipMode.ADAPTIVE:
       raise UsageError(
           "adaptive clipping is not supported with --dp_mode=local: its clipped-count "

@@ -22,8 +22,12 @@ _PREFIX = "round_"
 
 class Checkpointer:
 
-  def __init__(self, run_dir: str, keep_total: int = 3):
+  def __init__(self, run_dir: str, keep_total: int = 3, owner_only: bool = False):
+    """`owner_only`: the state holds secrets (a noise seed), so only the owner may read it."""
     self.root = os.path.join(run_dir, "checkpoints")
+    if owner_only:
+      os.makedirs(self.root, mode=0o700, exist_ok=True)
+      os.chmod(self.root, 0o700)
     self._manager = tff.program.FileProgramStateManager(
         self.root, prefix=_PREFIX, keep_total=keep_total, keep_first=False)
 

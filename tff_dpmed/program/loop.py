@@ -178,10 +178,13 @@ def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
           row["client_epsilon"] = parts.ledger.client_level_epsilon()
         if new_best:
           state.best_round, state.best_val_auc, state.best_weights = new_best
-        parts.metrics_log.write(row)
+        # Checkpoint before the round's metrics go out: a round released with
+        # no checkpoint after it would be re-run on resume, and DP-FTRL's tree
+        # would re-run it with the same noise (its seeds are in the state).
         if state.round % settings.rounds_per_checkpoint == 0:
           parts.checkpointer.save(state.tree(), state.round)
           last_saved = state.round
+        parts.metrics_log.write(row)
       progress.update(1)
       progress.set_postfix(_postfix(row), refresh=False)
       for warning in watch.check(row):

@@ -19,6 +19,7 @@ from tff_dpmed.data.types import ImageSplits
 from tff_dpmed.errors import UsageError
 from tff_dpmed.files import write_json_atomic
 from tff_dpmed.privacy import budget as budget_lib
+from tff_dpmed.privacy import mechanisms
 from tff_dpmed.privacy.budget import BudgetLedger
 from tff_dpmed.privacy.ledger import PrivacyLedger
 from tff_dpmed.privacy.spec import DPMode
@@ -107,7 +108,8 @@ class RunFolder:
       write_json_atomic(os.path.join(self.path, CONFIG_FILE),
                         {"config": cfg.to_json(), "dataset": self._splits.info.to_json(),
                          "train_data_sha256": fingerprint})
-      self.checkpointer = Checkpointer(self.path)
+      self.checkpointer = Checkpointer(
+          self.path, owner_only=mechanisms.class_for(cfg.dp.mode).state_holds_noise_seed)
     except BaseException:
       self._release_lock()
       raise

@@ -258,13 +258,22 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
       save_ledger=folder.save_ledger)
   settings = loop.LoopSettings(
       rounds=cfg.rounds, rounds_per_eval=cfg.rounds_per_eval,
-      rounds_per_checkpoint=cfg.rounds_per_checkpoint, max_epsilon=cfg.max_epsilon,
+      # DP-FTRL: every released round is checkpointed, so a resume never re-runs
+      # a released round with the tree's noise again (loop.run_rounds).
+      rounds_per_checkpoint=1 if mechanism.state_holds_noise_seed else cfg.rounds_per_checkpoint,
+      max_epsilon=cfg.max_epsilon,
       write_unaccounted_metrics=release_client_metrics)
   try:
     state = loop.run_rounds(state, parts, settings, hooks, show_progress)
   finally:
     parts.metrics_log.close()
-  return _finish(run, process, state, ledger, time.time() - start_time, audit_start)
+  summary = _finish(run, process, state, ledger, time.time() - start_time, audit_start)
+  if mechanism.state_holds_noise_seed:
+    # The checkpoints could replay the noise (mechanisms.CentralTreeFTRL); the
+    # run is over, so nothing needs them.
+    folder.checkpointer.remove_all()
+    _log("note: checkpoints deleted: they hold the tree aggregator's noise seeds")
+  return summary
 
 
 def client_datasets(run: PreparedRun, folder: Optional[str] = None):
