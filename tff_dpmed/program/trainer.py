@@ -230,11 +230,11 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
                         client_files: Optional[str] = None) -> dict:
   cfg, splits, info, mechanism = run.config, run.splits, run.splits.info, run.mechanism
   canary_audit.save_example_secret(cfg, run.example_canaries)
-  federated_data = client_datasets(run, client_files)
+  initial = _initial_weights(cfg, info)
+  federated_data = client_datasets(run, client_files, initial)
   process, release_client_metrics = build_process(run, federated_data)
   for key, value in mechanism.noise_choices().items():
     _log(f"note: {key}={value}")
-  initial = _initial_weights(cfg, info)
   learning_state = process.set_model_weights(process.initialize(), initial)
   sampler = make_sampler(cfg)
   state = loop.ProgramState(learning_state=learning_state, round=0,
@@ -276,14 +276,18 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
   return summary
 
 
-def client_datasets(run: PreparedRun, folder: Optional[str] = None):
+def client_datasets(run: PreparedRun, folder: Optional[str] = None,
+                    initial: Optional[tff.learning.models.ModelWeights] = None):
   """The clients' train data as the mechanism reads it: local batches, or (DP-SGD,
   which samples its own batches) each client's examples whole, from files in
-  `folder` if given."""
+  `folder` if given. `initial`: the model's weights, if built already (canary
+  examples need its size)."""
   cfg, splits, info = run.config, run.splits, run.splits.info
   images, labels, canary = splits.train_images, splits.train_labels, None
   if run.example_canaries is not None:
-    num_parameters = sum(int(np.size(w)) for w in _initial_weights(cfg, info).trainable)
+    if initial is None:
+      initial = _initial_weights(cfg, info)
+    num_parameters = sum(int(np.size(w)) for w in initial.trainable)
     images, labels, canary = canary_examples.training_arrays(
         images, labels, run.example_canaries, info, num_parameters)
   train_inputs = _model_inputs(cfg, info, images, "train")
