@@ -2,7 +2,11 @@
 
 A point is one training run: a DP mode, a seed and a noise level (a noise
 multiplier z, or a target epsilon that `trainer.prepare` calibrates z to). The
-non-private baseline has no noise level and runs once per seed.
+non-private baseline has no noise level and runs once per seed. With canary
+twins, every point has a twin: the same run with client-level canaries
+(`--audit=canary`), which measures the empirical epsilon. The canaries join
+the rounds as clients and move the model, so the utility columns come from
+the run without them.
 """
 
 import dataclasses
@@ -26,6 +30,7 @@ class GridPoint:
   seed: int
   noise_multiplier: Optional[float] = None  # None for mode "none" and with target_epsilon.
   target_epsilon: Optional[float] = None
+  canaries: bool = False  # The canary twin of the point without them.
 
   @property
   def level(self) -> Optional[float]:
@@ -41,11 +46,19 @@ class GridPoint:
 
   @property
   def name(self) -> str:
+    return self._base_name + ("_canaries" if self.canaries else "")
+
+  @property
+  def _base_name(self) -> str:
     if self.mode == "none":
       return f"none_s{self.seed}"
     if self.target_epsilon is not None:
       return f"{self.mode}_eps{self.target_epsilon:g}_s{self.seed}"
     return f"{self.mode}_z{self.noise_multiplier:g}_s{self.seed}"
+
+  def twin(self) -> "GridPoint":
+    """The same run with canaries."""
+    return dataclasses.replace(self, canaries=True)
 
 
 def check_seeds(seeds: Sequence[int]) -> None:
@@ -62,8 +75,9 @@ def check_seeds(seeds: Sequence[int]) -> None:
 
 def make_grid(modes: Sequence[str], seeds: Sequence[int],
               noise_multipliers: Sequence[float] = (),
-              target_epsilons: Sequence[float] = ()) -> list:
-  """Every run: `none` once per seed, each DP mode once per z (or target epsilon) and seed."""
+              target_epsilons: Sequence[float] = (), canary_twins: bool = False) -> list:
+  """Every run: `none` once per seed, each DP mode once per z (or target epsilon) and
+  seed; with `canary_twins`, then each of them again with canaries."""
   unknown = [m for m in modes if m not in MODES]
   if unknown:
     raise UsageError(f"--modes: unknown {', '.join(unknown)}: use some of {', '.join(MODES)}")
@@ -87,7 +101,7 @@ def make_grid(modes: Sequence[str], seeds: Sequence[int],
         points.append(GridPoint(mode, seed, noise_multiplier=float(z)))
       for eps in target_epsilons:
         points.append(GridPoint(mode, seed, target_epsilon=float(eps)))
-  return points
+  return points + ([p.twin() for p in points] if canary_twins else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +122,6 @@ class StudySettings:
   # keeps its sampling amplification. False: seed=None, the seed only names a
   # replicate.
   seeded: bool = True
-  # True: every run takes part with client-level canaries (--audit=canary,
-  # Andrew et al. 2024), and its summary.json holds the empirical epsilon.
-  canary_audit: bool = False
 
   @property
   def runs_dir(self) -> str:
@@ -131,7 +142,7 @@ def run_config(point: GridPoint, settings: StudySettings) -> RunConfig:
   flat.update(dp_mode=point.mode, seed=point.seed if settings.seeded else None,
               output_dir=settings.runs_dir, experiment_name=point.name,
               noise_multiplier=point.noise_multiplier, target_epsilon=point.target_epsilon,
-              restart=False, audit="canary" if settings.canary_audit else "none",
+              restart=False, audit="canary" if point.canaries else "none",
               reproducible_sampling=False,
               # The non-private baseline is a reference, not a release of the study.
               budget_ledger=None if point.mode == "none" else settings.budget_ledger)

@@ -7,11 +7,12 @@
 Trains one run per (DP mode, noise multiplier z, seed) with the library's
 training program (`RunConfig` -> `trainer.prepare` -> `trainer.train`): `none`
 once per seed, `central` and `local` once per z and seed (or per
-`--target_epsilons` value instead of z). Each run trains with client-level
-canaries (`--audit=canary`; off with --nocanary_audit), so its summary holds
-the empirical epsilon beside the theoretical one. Every finished run is also
-audited by membership inference with `tff_dpmed.program.audit` (members: the
-train split; non-members: the test split). Each run lives in `<output_dir>/runs/<mode>_z<z>_s<seed>/` (`none_s<seed>`
+`--target_epsilons` value instead of z). Each run has a twin trained with
+client-level canaries (`--audit=canary`; off with --nocanary_audit), whose
+empirical epsilon goes beside the theoretical one (the canaries move the
+model, so the utility comes from the run without them). Every run without
+canaries is audited by membership inference with `tff_dpmed.program.audit`
+(members: the train split; non-members: the test split). Each run lives in `<output_dir>/runs/<mode>_z<z>_s<seed>/` (`none_s<seed>`
 for the baseline, `<mode>_eps<E>_s<seed>` with --target_epsilons). Rerunning
 the same command skips runs that have a summary.json (and audits those
 without an audit.json); an interrupted run resumes from its checkpoint.
@@ -90,9 +91,10 @@ def _define_flags() -> None:
                  "--noise_multipliers; default: the middle one).")
   f.DEFINE_float("curve_target_epsilon", None, "With --target_epsilons: the value for "
                  "training_curves.png (default: the middle one).")
-  f.DEFINE_bool("canary_audit", True, "Train every run with client-level canaries "
-                "(--audit=canary of the trainer) and report its empirical epsilon beside the "
-                "theoretical one. They take part as clients (not in the utility metrics).")
+  f.DEFINE_bool("canary_audit", True, "Give every run a twin with client-level canaries "
+                "(--audit=canary of the trainer) and report the twin's empirical epsilon "
+                "beside the theoretical one. The canaries join the rounds and move the "
+                "model, so the utility columns come from the run without them.")
   f.DEFINE_integer("audit_max_examples", 2000, "Members and non-members per audit (at most).")
   f.DEFINE_integer("audit_seed", 0, "Seed of the audit's subsampling and attacks.")
   f.DEFINE_enum("audit_nonmembers", "test", list(audit.NONMEMBER_SPLITS), "The audit's "
@@ -138,7 +140,8 @@ def main(argv):
     raise UsageError("--noise_multipliers and --target_epsilons are alternatives: give only one")
   if eps_values:
     z_values = []
-  points = make_grid(FLAGS.modes, _ints("seeds", FLAGS.seeds), z_values, eps_values)
+  points = make_grid(FLAGS.modes, _ints("seeds", FLAGS.seeds), z_values, eps_values,
+                     canary_twins=FLAGS.canary_audit)
   levels = eps_values or z_values
   curve_flag = "curve_target_epsilon" if eps_values else "curve_noise_multiplier"
   curve_level = getattr(FLAGS, curve_flag)
@@ -163,7 +166,7 @@ def main(argv):
                            audit_seed=FLAGS.audit_seed,
                            audit_nonmembers=FLAGS.audit_nonmembers,
                            keep_checkpoints=FLAGS.keep_checkpoints,
-                           seeded=FLAGS.seeded, canary_audit=FLAGS.canary_audit)
+                           seeded=FLAGS.seeded)
   for p in points:  # Every config is checked (by its construction) before anything runs.
     run_config(p, settings)
   if len(levels) < 5 or len(points) and len({p.seed for p in points}) < 3:
@@ -182,9 +185,10 @@ def main(argv):
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), file=sys.stderr)
   failed = {k: v for k, v in statuses.items() if v.startswith("failed")}
   repo_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  setting = report.describe_setting(base, settings, FLAGS.canary_audit)
   rows = report.write_outputs(points, settings, command, report.git_commit(repo_dir),
-                              curve_level, report.describe_setting(base, settings), failed)
-  print(f"{len(rows)} of {len(points)} runs in "
+                              curve_level, setting, failed)
+  print(f"{len(rows)} of {sum(not p.canaries for p in points)} runs in "
         f"{os.path.join(settings.output_dir, report.RESULTS_CSV)}; table {report.RESULTS_MD}, "
         f"figures {report.PRIVACY_UTILITY_PNG} and {report.TRAINING_CURVES_PNG}")
   if failed:

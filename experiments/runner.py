@@ -86,10 +86,13 @@ def _audit_is_current(run_dir: str, settings: StudySettings) -> bool:
 
 
 def is_complete(point: GridPoint, settings: StudySettings) -> bool:
-  """Trained and audited with the current audit settings (else it is (re)audited)."""
+  """Trained and audited with the current audit settings (else it is (re)audited).
+
+  A canary twin is done when trained: its audit is the trainer's canary audit.
+  """
   run_dir = settings.run_dir(point)
   return (os.path.exists(os.path.join(run_dir, SUMMARY_FILE))
-          and _audit_is_current(run_dir, settings))
+          and (point.canaries or _audit_is_current(run_dir, settings)))
 
 
 def train_and_audit(point: GridPoint, settings: StudySettings) -> str:
@@ -103,15 +106,16 @@ def train_and_audit(point: GridPoint, settings: StudySettings) -> str:
   summary = read_summary(run_dir)
   if summary is not None:
     check_finished_run_matches(run_dir, cfg, summary)
-    if _audit_is_current(run_dir, settings):
+    if is_complete(point, settings):
       return "skipped"
   run = trainer.prepare(cfg)
   status = "audited"
   if summary is None:
     trainer.train(run, show_progress=False)
     status = "trained"
-  audit.audit_run(run_dir, run.splits, max_examples=settings.audit_max_examples,
-                  seed=settings.audit_seed, nonmember_split=settings.audit_nonmembers)
+  if not point.canaries:  # A twin's audit is the canary audit, in its summary.
+    audit.audit_run(run_dir, run.splits, max_examples=settings.audit_max_examples,
+                    seed=settings.audit_seed, nonmember_split=settings.audit_nonmembers)
   if not settings.keep_checkpoints:
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
   return status

@@ -329,46 +329,55 @@ def _png_width(path) -> int:
     return int.from_bytes(f.read(24)[16:20], "big")  # IHDR width.
 
 
-def test_canary_studies_report_the_empirical_epsilon_beside_the_theoretical(tmp_path):
-  settings = dataclasses.replace(_settings(tmp_path), canary_audit=True)
-  points = grid.make_grid(["none", "central"], [0, 1, 2], [1.0])
+def test_canary_twins_report_the_empirical_epsilon_beside_the_theoretical(tmp_path):
+  settings = _settings(tmp_path)
+  points = grid.make_grid(["none", "central"], [0, 1, 2], [1.0], canary_twins=True)
+  plain = [p for p in points if not p.canaries]
+  assert [p.twin() for p in plain] == [p for p in points if p.canaries]
+  assert {p.name for p in points} >= {"central_z1_s0", "central_z1_s0_canaries"}
   for p in points:
-    assert grid.run_config(p, settings).audit == "canary"
-    # Estimates 0.4, 0.5, 0.6 under DP (theory 5); 80, 90, 100 without noise.
-    estimate = (0.4 if p.mode == "central" else 80) * (1 + p.seed / (4 if p.mode == "central"
-                                                                     else 8))
-    _fake_finished_run(p, settings, test_auc=0.8, epsilon=5.0 if p.mode == "central" else None,
+    assert grid.run_config(p, settings).audit == ("canary" if p.canaries else "none")
+    # Twins: estimates 0.4, 0.5, 0.6 under DP (theory 5); 80, 90, 100 without noise.
+    # The utility differs between a run and its twin: the table takes the run's.
+    dp = p.mode == "central"
+    estimate = (0.4 if dp else 80) * (1 + p.seed / (4 if dp else 8))
+    _fake_finished_run(p, settings, test_auc=0.6 if p.canaries else 0.8,
+                       epsilon=5.0 if dp else None, audit=not p.canaries,
                        canary={"epsilon_estimate": estimate,
                                "epsilon_ci": [estimate / 2, estimate * 2],
-                               "violation": p.seed == 2 and p.mode == "central"})
+                               "violation": p.seed == 2 and dp} if p.canaries else None)
+  assert all(runner.is_complete(p, settings) for p in points)  # Twins need no MIA audit.
   rows = report.write_outputs(points, settings, "cmd", "c0", curve_level=1.0)
+  assert len(rows) == 6 and {r["test_auc"] for r in rows} == {0.8}
   md = open(os.path.join(settings.output_dir, report.RESULTS_MD)).read()
   header = next(line for line in md.splitlines() if line.startswith("| mode"))
   assert "| ε | empirical ε (canary) |" in header
   lines = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
-  assert "| 5 ± 0 | 0.5 ± 0.1 |" in lines["central"]
+  assert "| 5 ± 0 | 0.5 ± 0.1 | 0.800 ± 0.000 |" in lines["central"]
   assert "| ∞ (no DP) | 90 ± 10 |" in lines["none"]
-  assert "a violation: 1 of 6 runs" in md
+  assert "a violation: 1 of 6 twins" in md
   with open(os.path.join(settings.output_dir, report.RESULTS_CSV)) as f:
     by_run = {r["run"]: r for r in csv.DictReader(f)}
+  assert set(by_run) == {p.name for p in plain}
   assert float(by_run["central_z1_s1"]["empirical_epsilon"]) == pytest.approx(0.5)
   assert float(by_run["central_z1_s1"]["empirical_epsilon_high"]) == pytest.approx(1.0)
-  assert len(rows) == 6
+  curves = report.training_curves(points, settings, 1.0)
+  assert all(len(c["runs"]) == 3 for c in curves.values())  # Twins are not curves.
   # A third panel (empirical against theoretical epsilon): 18 inches wide, not 12.
   with_canaries = _png_width(os.path.join(settings.output_dir, report.PRIVACY_UTILITY_PNG))
-  plain_points, plain = _fake_study(tmp_path / "plain")
-  report.write_outputs(plain_points, plain, "cmd", "c0", curve_level=1.0)
-  without = _png_width(os.path.join(plain.output_dir, report.PRIVACY_UTILITY_PNG))
+  plain_points, plain_settings = _fake_study(tmp_path / "plain")
+  report.write_outputs(plain_points, plain_settings, "cmd", "c0", curve_level=1.0)
+  without = _png_width(os.path.join(plain_settings.output_dir, report.PRIVACY_UTILITY_PNG))
   assert with_canaries == pytest.approx(without * 1.5, rel=0.05)
-  assert "empirical ε" not in open(os.path.join(plain.output_dir, report.RESULTS_MD)).read()
+  md = open(os.path.join(plain_settings.output_dir, report.RESULTS_MD)).read()
+  assert "empirical ε" not in md
 
 
-def test_a_run_without_canaries_is_not_reused_by_a_canary_study(tmp_path):
+def test_a_run_without_canaries_is_not_reused_as_a_twin(tmp_path):
   settings = _settings(tmp_path)
   point = grid.GridPoint("central", 0, noise_multiplier=1.0)
   run_dir = _fake_finished_run(point, settings, test_auc=0.8, epsilon=5.0)
-  canaries = dataclasses.replace(settings, canary_audit=True)
   summary = runner.read_summary(run_dir)
   with pytest.raises(UsageError, match="canaries"):
-    runner.check_finished_run_matches(run_dir, grid.run_config(point, canaries), summary)
+    runner.check_finished_run_matches(run_dir, grid.run_config(point.twin(), settings), summary)
   runner.check_finished_run_matches(run_dir, grid.run_config(point, settings), summary)
