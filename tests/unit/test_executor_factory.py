@@ -49,3 +49,23 @@ def test_a_worker_that_never_answers_is_an_error_after_the_wait(tmp_path, monkey
   with pytest.raises(context.WorkerError, match=f"{address} is not reachable"):
     factory.create_executor({tff.CLIENTS: 1})
   assert 0.9 < time.monotonic() - start < 10
+
+
+def test_a_killed_local_worker_is_named_with_its_signal(monkeypatch):
+  # An out-of-memory kill of the worker used to read only "not reachable".
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(context, "REACHABLE_TIMEOUT_S", 1.0)
+
+  @tff.tensorflow.computation
+  def one():
+    return np.int32(1)
+
+  with context.local_runtime() as worker:
+    assert one() == 1 and worker.exit_reason() == ""
+    os.kill(worker.binary_pid, signal.SIGKILL)
+    worker.process.wait()
+    assert "killed by SIGKILL" in worker.exit_reason()
+    with pytest.raises(context.WorkerError, match="not reachable .*killed by SIGKILL .*dmesg"):
+      one()

@@ -10,7 +10,7 @@ and with several of them spreads each round's clients over the workers.
 import contextlib
 import os
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import grpc
 import tensorflow_federated as tff
@@ -66,8 +66,12 @@ def tls_channel_credentials(ca_path: str, cert_path: Optional[str] = None,
 
 
 def _executor_factory(address: str, default_num_clients: int,
-                      credentials: Optional[grpc.ChannelCredentials] = None):
-  """TFF's executor factory for one worker: a `RemoteExecutor` per cardinality."""
+                      credentials: Optional[grpc.ChannelCredentials] = None,
+                      exit_reason: Callable[[], str] = lambda: ""):
+  """TFF's executor factory for one worker: a `RemoteExecutor` per cardinality.
+
+  `exit_reason`: for a worker this process owns, why it is gone ('' if running).
+  """
   channel = _channel(address, credentials)
   stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
 
@@ -82,8 +86,10 @@ def _executor_factory(address: str, default_num_clients: int,
       try:
         grpc.channel_ready_future(channel).result(timeout=REACHABLE_TIMEOUT_S)
       except grpc.FutureTimeoutError:
+        reason = exit_reason()
         raise WorkerError(f"the TFF worker at {address} is not reachable "
-                          f"(waited {REACHABLE_TIMEOUT_S:.0f}s)") from None
+                          f"(waited {REACHABLE_TIMEOUT_S:.0f}s)"
+                          + (f": {reason}" if reason else "")) from None
     executor = remote_executor.RemoteExecutor(stub)
     executor.set_cardinalities(cardinalities)
     return executor
@@ -92,7 +98,8 @@ def _executor_factory(address: str, default_num_clients: int,
 
 
 def _make_context(addresses: list[str], default_num_clients: int = 0,
-                  credentials: Optional[grpc.ChannelCredentials] = None):
+                  credentials: Optional[grpc.ChannelCredentials] = None,
+                  exit_reason: Callable[[], str] = lambda: ""):
   """A synchronous TFF context whose executors talk to the workers at `addresses`.
 
   One worker: TFF's plain context, as `create_sync_local_cpp_execution_context`
@@ -105,7 +112,8 @@ def _make_context(addresses: list[str], default_num_clients: int = 0,
     raise ValueError("no worker addresses")
   if len(addresses) == 1:
     return sync_execution_context.SyncExecutionContext(
-        executor_fn=_executor_factory(addresses[0], default_num_clients, credentials),
+        executor_fn=_executor_factory(addresses[0], default_num_clients, credentials,
+                                      exit_reason),
         compiler_fn=compiler.desugar_and_transform_to_native,
         transform_args=tensorflow_computation.transform_args,
         transform_result=tensorflow_computation.transform_result,
@@ -174,7 +182,7 @@ def local_runtime(*, max_concurrent_computation_calls: int = -1,
     raise IsolationError(f"{e}{_INSECURE_LOCAL_HINT}") from None
   worker.start()
   try:
-    with _default_context(_make_context([worker.address])):
+    with _default_context(_make_context([worker.address], exit_reason=worker.exit_reason)):
       yield worker
   finally:
     worker.stop()

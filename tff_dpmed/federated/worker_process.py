@@ -160,6 +160,22 @@ class WorkerProcess:
   def alive(self) -> bool:
     return self.process is not None and self.process.poll() is None
 
+  def exit_reason(self) -> str:
+    """Why the worker is gone ('' while it runs): its exit code, or the signal that killed it."""
+    code = None if self.process is None else self.process.poll()
+    if code is None:
+      return ""
+    if code >= 0:
+      return f"it exited with code {code}{_last_line(self.log_path)}"
+    try:
+      name = signal.Signals(-code).name
+    except ValueError:
+      name = f"signal {-code}"
+    oom = (" (on Linux usually the out-of-memory killer: see `dmesg`; use fewer clients per "
+           "round, a smaller model, or a machine with more memory)"
+           if -code == signal.SIGKILL else "")
+    return f"it was killed by {name}{oom}"
+
   def stop(self, timeout_s: float = 10.0) -> None:
     """Stops the worker: SIGINT, then SIGKILL if it does not exit in time.
 
