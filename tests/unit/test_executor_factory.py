@@ -69,3 +69,49 @@ def test_a_killed_local_worker_is_named_with_its_signal(monkeypatch):
     assert "killed by SIGKILL" in worker.exit_reason()
     with pytest.raises(context.WorkerError, match="not reachable .*killed by SIGKILL .*dmesg"):
       one()
+
+
+def test_recycle_replaces_the_local_worker_behind_the_context():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  @tff.tensorflow.computation(np.int32)
+  def double(x):
+    return x * 2
+
+  with context.local_runtime() as runtime:
+    assert double(2) == 4
+    first_pid = runtime.binary_pid
+    assert runtime.rss_bytes() > 1 << 20
+    runtime.recycle()
+    assert runtime.binary_pid != first_pid and runtime.alive()
+    assert double(3) == 6  # The new worker serves the same computation.
+  assert not runtime.alive()
+
+
+def test_the_trainer_replaces_a_worker_over_its_memory_share(capsys):
+  from tff_dpmed.program import trainer  # pylint: disable=g-import-not-at-top
+
+  class FakeRuntime(context.LocalRuntime):
+    def __init__(self):
+      super().__init__(make_worker=None)
+      self.held, self.recycled = 0, 0
+
+    def rss_bytes(self):
+      return self.held
+
+    def recycle(self):
+      self.recycled += 1
+
+  import os  # pylint: disable=g-import-not-at-top
+  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  runtime = FakeRuntime()
+  guard = trainer._worker_memory_guard(runtime)
+  runtime.held = int(0.9 * trainer.WORKER_MEMORY_FRACTION * memory)
+  guard(3)
+  assert runtime.recycled == 0 and capsys.readouterr().err == ""
+  runtime.held = int(1.1 * trainer.WORKER_MEMORY_FRACTION * memory)
+  guard(4)
+  assert runtime.recycled == 1
+  assert "the TFF worker held" in capsys.readouterr().err
+  # A remote runtime (not ours to restart) is left alone.
+  trainer._worker_memory_guard(None)(5)

@@ -161,11 +161,54 @@ def check_local_runtime(binary: Optional[str] = None, insecure: bool = False) ->
       raise IsolationError(f"{e}{_INSECURE_LOCAL_HINT}") from None
 
 
+class LocalRuntime:
+  """The local worker behind TFF's default context. `recycle` replaces it between
+  rounds: the worker keeps no state between TFF calls (the server state comes back
+  to Python every round), so a fresh worker runs the next round the same way.
+
+  Attributes of the current `WorkerProcess` (binary_pid, address, ...) are read
+  through this object.
+  """
+
+  def __init__(self, make_worker: Callable[[], WorkerProcess]):
+    self._make_worker = make_worker
+    self.worker: Optional[WorkerProcess] = None
+
+  def __getattr__(self, name):
+    if name == "worker":  # Not set yet: no recursion through __getattr__.
+      raise AttributeError(name)
+    return getattr(self.worker, name)
+
+  def start(self) -> None:
+    self.worker = self._make_worker()
+    self.worker.start()
+    tff.framework.get_context_stack().set_default_context(
+        _make_context([self.worker.address], exit_reason=self.worker.exit_reason))
+
+  def stop(self) -> None:
+    if self.worker is not None:
+      self.worker.stop()
+
+  def recycle(self) -> None:
+    """Stops the worker and starts a fresh one behind a new default context."""
+    self.stop()
+    self.start()
+
+  def rss_bytes(self) -> int:
+    """The worker's resident memory (0 if it is not running)."""
+    pid = self.worker.binary_pid if self.worker is not None else None
+    try:
+      with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, TypeError):
+      return 0
+
+
 @contextlib.contextmanager
 def local_runtime(*, max_concurrent_computation_calls: int = -1,
                   log_dir: Optional[str] = None,
                   binary: Optional[str] = None,
-                  insecure: bool = False) -> Iterator[WorkerProcess]:
+                  insecure: bool = False) -> Iterator[LocalRuntime]:
   """Starts a local worker, makes it TFF's default context, and always stops it.
 
   The worker runs in a network namespace of its own, reached by a Unix
@@ -174,18 +217,24 @@ def local_runtime(*, max_concurrent_computation_calls: int = -1,
   loopback only). Raises IsolationError if isolation is not possible here.
   """
   log_path = os.path.join(log_dir, "tff_worker.log") if log_dir else None
-  try:
-    worker = WorkerProcess(max_concurrent_computation_calls=max_concurrent_computation_calls,
+
+  def make_worker() -> WorkerProcess:
+    try:
+      return WorkerProcess(max_concurrent_computation_calls=max_concurrent_computation_calls,
                            log_path=log_path, binary=binary or WORKER_BINARY,
                            isolated=not insecure)
-  except IsolationError as e:
-    raise IsolationError(f"{e}{_INSECURE_LOCAL_HINT}") from None
-  worker.start()
+    except IsolationError as e:
+      raise IsolationError(f"{e}{_INSECURE_LOCAL_HINT}") from None
+
+  runtime = LocalRuntime(make_worker)
+  stack = tff.framework.get_context_stack()
+  previous = stack.current  # An error context, or an enclosing runtime's.
   try:
-    with _default_context(_make_context([worker.address], exit_reason=worker.exit_reason)):
-      yield worker
+    runtime.start()
+    yield runtime
   finally:
-    worker.stop()
+    stack.set_default_context(previous)
+    runtime.stop()
 
 
 def _connection_problem(channel: grpc.Channel) -> str:

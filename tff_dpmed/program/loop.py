@@ -110,6 +110,9 @@ class LoopParts:
   evaluate: Callable[[Any], dict]   # model weights -> {"accuracy", "auc"} on val
   check_finite: Callable[[int, Any, Any, np.ndarray], None]
   save_ledger: Callable[[PrivacyLedger], None]
+  # Runtime upkeep between rounds (the round just committed), e.g. replacing a
+  # local worker whose memory has grown; it releases nothing.
+  between_rounds: Callable[[int], None] = lambda round_num: None
 
 
 def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
@@ -127,6 +130,7 @@ def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
                        disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
   try:
     while state.round < settings.rounds and not state.stopped_by_budget:
+      parts.between_rounds(state.round)
       sampler_before = parts.sampler.get_state()
       try:
         hooks.before_sample(state.round + 1, parts.sampler)
