@@ -31,6 +31,9 @@ _RESAMPLE = flags.DEFINE_enum("resample", None, ["shared", "copied"], "Make num_
                               "resampled clients of the 100-client size, sharing the real "
                               "images or each with its own copies (scale runs).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds to run, the first included.")
+_PER_EXAMPLE = flags.DEFINE_boolean("per_example", False, "Patients as clients: one training "
+                                    "example per client (--partition=per_example, batch 1); "
+                                    "--num_clients must be the training set's size.")
 _MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent_computation_calls", -1,
                                        "The TFF worker's limit (-1: none, the trainer's default).")
 # Levers (see workload.py); the defaults are what the trainer does.
@@ -66,7 +69,9 @@ def main(argv):
   t = time.time()
   work = workload.prepare(_DATA_DIR.value, _NUM_CLIENTS.value, _CLIENTS_PER_ROUND.value,
                           dataset=_DATASET.value, resample=_RESAMPLE.value,
-                          max_concurrent_computation_calls=_MAX_CONCURRENT.value)
+                          max_concurrent_computation_calls=_MAX_CONCURRENT.value,
+                          **(dict(partition="per_example", client_batch_size=1)
+                             if _PER_EXAMPLE.value else {}))
   stages["data"] = time.time() - t
   cohorts = workload.cohorts(_NUM_CLIENTS.value, _CLIENTS_PER_ROUND.value, _ROUNDS.value)
   rounds, cpus, examples = [], [], []
