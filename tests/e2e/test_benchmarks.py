@@ -15,6 +15,7 @@ from benchmarks import bench_accounting
 from benchmarks import bench_dp_sgd
 from benchmarks import bench_first_round
 from benchmarks import bench_round_time
+from benchmarks import bench_patients
 from benchmarks import bench_scale
 from benchmarks import bench_throughput
 from benchmarks import reference
@@ -204,3 +205,20 @@ def test_audit_cost_report_says_met_or_by_how_much_it_missed():
   audited = bench_audit._command("example", 20, audit=True, run_dir="/tmp/x")
   assert "--audit=none" in plain and not any(f.startswith("--num_canaries") for f in plain)
   assert "--audit=canary" in audited and "--num_canaries=300" in audited
+
+
+def test_patients_benchmark_fits_the_per_client_overhead(data_dir):
+  # One-image clients (PneumoniaMNIST's 4,708 training images), two tiny cohorts.
+  raw = bench_patients.run(str(data_dir), [4, 8], repetitions=1, rounds_per_rep=1,
+                           show_progress=False)
+  kinds = [(kind, n) for kind, n, _ in raw["points"]]
+  assert kinds == [("patients", 4), ("patients", 8), ("hospitals", 10)]
+  for kind, n, result in raw["points"]:
+    assert result["workers"] == 1
+    assert len(result["round_s"]) == bench_patients.WARMUP_ROUNDS + 1
+    # One example per client, one epoch: a cohort's examples are its clients.
+    if kind == "patients":
+      assert result["num_clients"] == bench_patients.PATIENTS
+      assert result["examples"][-1] == n
+  text = bench_patients.render(raw)
+  assert "| patients | 8 | 8 |" in text and "ms per one-image client" in text
