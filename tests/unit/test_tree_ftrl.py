@@ -54,6 +54,19 @@ def test_epsilon_grows_with_rounds_and_is_worse_than_independent_gaussians():
   assert eps[3] > accounting.epsilon_for_rounds(gaussian, 40)
 
 
+def test_the_budget_ledger_composes_a_tree_run_as_its_tree(tmp_path):
+  from tff_dpmed.privacy.budget import BudgetLedger  # pylint: disable=g-import-not-at-top
+  spec = _spec(20.0, accountant="rdp")
+  ledger = BudgetLedger(str(tmp_path / "budget.json"))
+  ledger.record("run", spec, 40, str(tmp_path))
+  # Not 40 independent G(20): the 40 rounds are one G(20 / sqrt(S(40))).
+  assert ledger.total(spec.delta).epsilon == pytest.approx(
+      accounting.epsilon_for_rounds(spec, 40), rel=1e-6)
+  independent = DPSpec(mode="central", noise_multiplier=20.0, num_clients=10,
+                       clients_per_round=10, sampling="all", clip_mode="fixed", accountant="rdp")
+  assert ledger.total(spec.delta).epsilon > 2 * accounting.epsilon_for_rounds(independent, 40)
+
+
 def test_calibration_meets_the_target():
   z = calibration.calibrate_noise_multiplier(_spec(None), 40, 8.0)
   eps = accounting.epsilon_for_rounds(_spec(z), 40)
