@@ -107,7 +107,7 @@ def plot_frontier(series: Sequence[dict], path: str, title: str = "") -> None:
   dashed line at its mean with a ±sd band in the row's colour. Error bars are
   the sd over runs.
   """
-  fig, ax = plt.subplots(figsize=(8, 5))
+  fig, ax = plt.subplots(figsize=(8, 7))
   for i, row in enumerate(series):
     color = _ROW_COLORS[i % len(_ROW_COLORS)]
     marker = MODE_STYLE.get(row["mode"], {}).get("marker") or "o"
@@ -127,7 +127,8 @@ def plot_frontier(series: Sequence[dict], path: str, title: str = "") -> None:
   ax.set_xlabel("ε at the run's δ (each row's own privacy unit; log scale)")
   ax.set_ylabel("test AUC (best-val round)")
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=7)
+  # Below the axes: with one line per row, inside it covered the data.
+  ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
   if title:
     ax.set_title(textwrap.fill(title, 90), fontsize=9)
   _save(fig, path)
