@@ -11,7 +11,8 @@ takes at most 1.3 times as long.
 
 - client: central DP-FedAvg over 100 hospitals, 20 per round (the main
   job's settings, fewer rounds); 50 canary clients join the rounds and the
-  audit computes 1,050 cosines with the released model.
+  audit computes their 50 cosines with the released model (the null of
+  never-inserted directions is exact, not sampled).
 - example: DP-SGD in 10 hospitals (the IID example-level recipe, fewer
   rounds); 300 gradient canary examples (about 150 in the data) and the
   one-run bound.
