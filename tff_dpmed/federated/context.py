@@ -135,14 +135,21 @@ def _make_context(addresses: list[str], default_num_clients: int = 0,
 
 
 @contextlib.contextmanager
-def _default_context(ctx) -> Iterator[None]:
+def _restoring_default_context() -> Iterator[None]:
+  """Puts TFF's default context back as it was on exit, whatever was set inside."""
   stack = tff.framework.get_context_stack()
   previous = stack.current  # An error context, or an enclosing runtime's.
-  stack.set_default_context(ctx)
   try:
     yield
   finally:
     stack.set_default_context(previous)
+
+
+@contextlib.contextmanager
+def _default_context(ctx) -> Iterator[None]:
+  with _restoring_default_context():
+    tff.framework.get_context_stack().set_default_context(ctx)
+    yield
 
 
 # Appended to IsolationError for the trainer, whose flag accepts the risk.
@@ -227,13 +234,11 @@ def local_runtime(*, max_concurrent_computation_calls: int = -1,
       raise IsolationError(f"{e}{_INSECURE_LOCAL_HINT}") from None
 
   runtime = LocalRuntime(make_worker)
-  stack = tff.framework.get_context_stack()
-  previous = stack.current  # An error context, or an enclosing runtime's.
   try:
-    runtime.start()
-    yield runtime
+    with _restoring_default_context():  # runtime.start (and recycle) set their own.
+      runtime.start()
+      yield runtime
   finally:
-    stack.set_default_context(previous)
     runtime.stop()
 
 
