@@ -96,15 +96,13 @@ class BudgetLedger:
       if not mechanism.states_guarantee:
         return BudgetTotal(math.inf, delta, len(entries), sum(k for _, k in specs),
                            "a non-private run released data: no bound")
-      # Rounds that are one release (DP-FTRL's tree) compose as that release, once.
-      whole_run = mechanism.run_event(count)
       groups.setdefault(mechanism.neighboring_relation, []).append(
-          (whole_run, 1) if whole_run is not None else (mechanism.accounted_event(), count))
+          mechanism.composed_event(count))
     epsilon = 0.0
     for relation, events in groups.items():
       accountant = dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
-      for event, count in events:
-        accountant.compose(event, count)
+      for event in events:
+        accountant.compose(event)
       epsilon += accountant.get_epsilon(delta / len(groups))
     method = "RDP composition" + (" per neighbouring relation, then basic composition"
                                   if len(groups) > 1 else "")

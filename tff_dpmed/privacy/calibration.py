@@ -98,11 +98,8 @@ def calibrate_noise_multiplier(setting: DPSpec, rounds: int, target_epsilon: flo
 
   def make_event(z: float) -> dp_accounting.DpEvent:
     state["setting"] = with_z(z)
-    whole_run = mechanisms.for_spec(state["setting"]).run_event(rounds)
-    if whole_run is not None:  # Rounds that are one release (DP-FTRL's tree).
-      return whole_run
-    return dp_accounting.SelfComposedDpEvent(
-        accounting.accounted_event(state["setting"], kind), rounds)
+    return mechanisms.for_spec(state["setting"]).composed_event(
+        rounds, single_gaussian=kind == "pld")
 
   def make_fresh_accountant() -> dp_accounting.PrivacyAccountant:
     # dp_accounting calls make_event(z) right before this, so the accountant

@@ -119,6 +119,15 @@ class Mechanism(abc.ABC):
     del rounds
     return None
 
+  def composed_event(self, compositions: int,
+                     single_gaussian: bool = False) -> dp_accounting.DpEvent:
+    """`compositions` accounting steps as one event: `run_event`, else the accounted
+    event self-composed."""
+    whole_run = self.run_event(compositions)
+    if whole_run is not None:
+      return whole_run
+    return dp_accounting.SelfComposedDpEvent(self.accounted_event(single_gaussian), compositions)
+
   # Whether the aggregator's state holds its noise's seed, so a checkpoint of
   # the server state could undo the noise (see CentralTreeFTRL).
   state_holds_noise_seed: ClassVar[bool] = False
