@@ -35,9 +35,9 @@ WARMUP_ROUNDS = 2
 
 
 def _point(data_dir: Optional[str], num_clients: int, per_round: int, rounds: int,
-           per_example: bool, extra: Sequence[str] = ()) -> dict:
+           per_example: bool) -> dict:
   args = [f"--num_clients={num_clients}", f"--clients_per_round={per_round}",
-          f"--rounds={rounds}", *((["--per_example"]) if per_example else []), *extra]
+          f"--rounds={rounds}"] + (["--per_example"] if per_example else [])
   if data_dir:
     args.append(f"--data_dir={data_dir}")
   return spawn.run_child(args)

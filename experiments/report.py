@@ -53,7 +53,8 @@ def collect_rows(points: Sequence[GridPoint], settings: StudySettings) -> list:
       continue
     result = audit.load_audit(run_dir) or {}
     privacy = summary["privacy"]
-    twin = read_summary(settings.run_dir(p.twin())) if p.twin() in points else None
+    twin_point = p.twin()
+    twin = read_summary(settings.run_dir(twin_point)) if twin_point in points else None
     canary = (twin or {}).get("audit") or {}
     low, high = canary.get("epsilon_ci") or (None, None)
     rows.append({
