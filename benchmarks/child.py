@@ -36,6 +36,9 @@ _PER_EXAMPLE = flags.DEFINE_boolean("per_example", False, "Patients as clients: 
                                     "--num_clients must be the training set's size.")
 _MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent_computation_calls", -1,
                                        "The TFF worker's limit (-1: none, the trainer's default).")
+_PACKING = flags.DEFINE_enum("client_packing", "off", ["auto", "on", "off"],
+                             "With --per_example: the trainer's --client_packing (packing "
+                             "needs fixed clipping, so --per_example runs use it).")
 # Levers (see workload.py); the defaults are what the trainer does.
 _LOOP = flags.DEFINE_enum("loop", None, ["DATASET_REDUCE", "DATASET_ITERATOR"],
                           "TFF's client training loop (default: TFF's).")
@@ -70,7 +73,9 @@ def main(argv):
   work = workload.prepare(_DATA_DIR.value, _NUM_CLIENTS.value, _CLIENTS_PER_ROUND.value,
                           dataset=_DATASET.value, resample=_RESAMPLE.value,
                           max_concurrent_computation_calls=_MAX_CONCURRENT.value,
-                          **(dict(partition="per_example", client_batch_size=1)
+                          **(dict(partition="per_example", client_batch_size=1,
+                                  clip_mode="fixed", clip=1.0,
+                                  client_packing=_PACKING.value)
                              if _PER_EXAMPLE.value else {}))
   stages["data"] = time.time() - t
   cohorts = workload.cohorts(_NUM_CLIENTS.value, _CLIENTS_PER_ROUND.value, _ROUNDS.value)

@@ -85,9 +85,12 @@ def prepare(data_dir: Optional[str], num_clients: int, clients_per_round: int,
     run = resample_clients(run, num_clients, copy_images=(resample == "copied"))
   cfg = run.config
   t1 = time.perf_counter()
-  federated_data = client_data_lib.make_federated_train_data(
-      run.splits.train_images, run.splits.train_labels, run.partitions, run.splits.info,
-      batch_size=cfg.client_batch_size, epochs=cfg.client_epochs, seed=cfg.seed)
+  if cfg.packs_clients:  # The trainer's packed one-example clients.
+    federated_data = trainer.client_datasets(run)
+  else:
+    federated_data = client_data_lib.make_federated_train_data(
+        run.splits.train_images, run.splits.train_labels, run.partitions, run.splits.info,
+        batch_size=cfg.client_batch_size, epochs=cfg.client_epochs, seed=cfg.seed)
   model = models.build_model(cfg.model, run.splits.info, seed=cfg.seed)
   initial = [np.asarray(w) for w in model.trainable_weights]
   t2 = time.perf_counter()
@@ -113,6 +116,11 @@ def build_tff_process(work: Workload, loop: Optional[str] = None, compose: bool 
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   from tff_dpmed.federated import process as process_lib  # pylint: disable=g-import-not-at-top
   cfg = work.run.config
+  if cfg.packs_clients:
+    if loop or not compose:
+      raise ValueError("the loop and compose levers do not apply to packed clients")
+    from tff_dpmed.program import trainer  # pylint: disable=g-import-not-at-top
+    return trainer.build_process(work.run, work.federated_data)[0]
   tff_model = process_lib.make_functional_model(
       cfg.model, work.run.splits.info, work.federated_data.element_type_structure, cfg.seed)
   loop_kw = {"loop_implementation": tff.learning.LoopImplementation[loop]} if loop else {}

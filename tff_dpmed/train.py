@@ -144,6 +144,12 @@ flags.DEFINE_string("worker_binary", None, "With --executor=local: the TFF worke
 flags.DEFINE_integer("max_concurrent_computation_calls", -1,
                      "With --executor=local: bound on parallel client computations in the TFF "
                      "worker, which bounds its memory (-1 = no bound).")
+flags.DEFINE_enum("client_packing", _D.client_packing, config_lib.CLIENT_PACKINGS,
+                  "One-example clients (--partition=per_example) with --dp_mode=central and "
+                  "fixed clipping: send each round's sampled clients to TFF in packs of "
+                  "PATIENTS_PER_PACK, each client's update clipped on its own inside the "
+                  "pack (the same release, the same epsilon, far less per-client overhead). "
+                  "auto: wherever that holds; on: refuse a run where it does not; off: never.")
 # Worker network security (issue 17): see README "Scale-out on TFF workers".
 flags.DEFINE_bool("insecure_local_executor", False, "With --executor=local: run the TFF worker "
                   "on this host's network, where its unauthenticated executor port listens on "
@@ -170,7 +176,8 @@ def config_from_flags() -> RunConfig:
            "adaptive_clip_learning_rate", "clipped_count_stddev", "rounds_per_eval",
            "rounds_per_checkpoint", "output_dir", "experiment_name", "seed", "restart", "audit",
            "num_canaries", "canary_norm",
-           "debug_metrics", "budget_ledger", "max_concurrent_computation_calls", "executor",
+           "debug_metrics", "budget_ledger", "max_concurrent_computation_calls", "client_packing",
+           "executor",
            "workers", "worker_binary", "insecure_local_executor", "worker_tls_ca",
            "worker_tls_cert", "worker_tls_key")
   flat = {name: FLAGS[name].value for name in names}

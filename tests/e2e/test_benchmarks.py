@@ -212,13 +212,16 @@ def test_patients_benchmark_fits_the_per_client_overhead(data_dir):
   raw = bench_patients.run(str(data_dir), [4, 8], repetitions=1, rounds_per_rep=1,
                            show_progress=False)
   kinds = [(kind, n) for kind, n, _ in raw["points"]]
-  assert kinds == [("patients", 4), ("patients", 8), ("hospitals", 10)]
+  assert kinds == [("packed", 4), ("packed", 8), ("one by one", 4), ("one by one", 8),
+                   ("hospitals", 10)]
   for kind, n, result in raw["points"]:
     assert result["workers"] == 1
     assert len(result["round_s"]) == bench_patients.WARMUP_ROUNDS + 1
     # One example per client, one epoch: a cohort's examples are its clients.
-    if kind == "patients":
+    if kind != "hospitals":
       assert result["num_clients"] == bench_patients.PATIENTS
       assert result["examples"][-1] == n
+  assert raw["keras"]["examples_per_epoch"] == bench_patients.PATIENTS
   text = bench_patients.render(raw)
-  assert "| patients | 8 | 8 |" in text and "ms per one-image client" in text
+  assert "| packed | 8 | 8 |" in text and "| one by one | 8 | 8 |" in text
+  assert "ms per one-image client" in text and "ratio to Keras fit" in text

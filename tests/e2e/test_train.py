@@ -393,3 +393,29 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(data_di
   # The first run's checkpoint writes completed; the refused run left no temporary ones.
   assert not list((tmp_path / "run" / "checkpoints").glob("*temp*"))
   assert _stray_workers() == []
+
+
+def test_patients_as_clients_train_in_packs_with_the_unpacked_epsilon(data_dir, tmp_path):
+  # Packing changes how clients reach TFF, not the release: the epsilon is the
+  # central mechanism's for Poisson-sampled one-example clients.
+  from tff_dpmed.privacy import accounting
+  from tff_dpmed.privacy.spec import DPSpec
+  flags = ["--partition=per_example", "--num_clients=546", "--clients_per_round=100",
+           "--dp_mode=central", "--clip_mode=fixed", "--clip=1", "--noise_multiplier=1.0",
+           "--rounds=3", "--client_batch_size=1", "--model=scatter_linear"]
+  proc = _run(_train_cmd(data_dir, tmp_path, "packed", *flags))
+  assert "client_packing: each round's sampled clients go to TFF in packs" in proc.stderr
+  summary = _summary(tmp_path / "packed")
+  spec = DPSpec(mode="central", noise_multiplier=1.0, num_clients=546, clients_per_round=100,
+                clip_mode="fixed", clip=1.0)
+  assert summary["privacy"]["rounds_accounted"] == 3
+  assert summary["privacy"]["epsilon"] == pytest.approx(accounting.epsilon_for_rounds(spec, 3),
+                                                        rel=1e-9)
+  assert summary["privacy"]["privacy_unit"] == "client"
+  assert (tmp_path / "packed" / "saved_model" / "scatter_linear" / "1" / "saved_model.pb").exists()
+  refused = subprocess.run(_train_cmd(data_dir, tmp_path, "refused", "--client_packing=on",
+                                      "--dp_mode=central", "--noise_multiplier=1"),
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert refused.returncode == 2
+  assert "--client_packing=on cannot pack this run" in _error_line(refused)
+  assert not (tmp_path / "refused").exists()

@@ -285,6 +285,52 @@ def make_whole_client_data(images: np.ndarray, labels: np.ndarray,
   return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(client_ids, client_dataset)
 
 
+PACK_SEPARATOR = ","
+
+
+def pack_ids(client_ids: Sequence, pack_size: int) -> list[str]:
+  """`client_ids` in packs of at most `pack_size` (as even as possible), each one
+  TFF client id: the members' ids joined by PACK_SEPARATOR."""
+  pack_size = _check_positive("pack_size", pack_size)
+  ids = [str(int(i)) for i in client_ids]
+  if not ids:
+    return []
+  count = -(-len(ids) // pack_size)
+  return [PACK_SEPARATOR.join(p.tolist()) for p in np.array_split(np.array(ids), count)]
+
+
+def make_packed_client_data(images: np.ndarray, labels: np.ndarray,
+                            partitions: Sequence[np.ndarray], info: DatasetInfo
+                            ) -> tff.simulation.datasets.ClientData:
+  """Datasets of packs of one-example clients (`privacy.packed_clients`).
+
+  Every partition must hold one example (`--partition=per_example`). A pack's
+  id is its members' client ids joined by PACK_SEPARATOR (`pack_ids`); its
+  dataset holds one element, `OrderedDict(x=(m, ...), y=(m, ...))`, the m
+  members' examples as `make_federated_train_data` makes them. The listed
+  client ids are the single clients ("0", "1", ...), each a pack of one.
+  """
+  images, labels = np.asarray(images), np.asarray(labels)
+  _check_arrays(images, labels, info)
+  flat, offsets = _flatten_partitions(partitions, len(images))
+  if len(flat) != len(offsets) - 1:
+    raise UsageError("packed clients need one example per client, but some clients hold "
+                     "more: use --partition=per_example, or --client_packing=off")
+  shared = _SharedArrays(images=images, labels=labels, flat=flat)
+
+  def pack_dataset(pack_id) -> tf.data.Dataset:
+    images_t, labels_t, flat_t = shared.get("images"), shared.get("labels"), shared.get("flat")
+    members = tf.strings.to_number(tf.strings.split(pack_id, PACK_SEPARATOR),
+                                   out_type=tf.int64)
+    indices = tf.gather(flat_t, members)
+    return tf.data.Dataset.from_tensors(collections.OrderedDict(
+        x=model_inputs(tf.gather(images_t, indices)),
+        y=preprocess_labels(tf.gather(labels_t, indices), info)))
+
+  client_ids = [str(i) for i in range(len(offsets) - 1)]
+  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(client_ids, pack_dataset)
+
+
 def _whole_clients_from_files(images, labels, flat, offsets, info, folder: str,
                               client_ids: list, canary: Optional[np.ndarray] = None
                               ) -> tff.simulation.datasets.ClientData:
@@ -317,14 +363,12 @@ def _whole_clients_from_files(images, labels, flat, offsets, info, folder: str,
 
 
 def any_client_size(element_type) -> collections.OrderedDict:
-  """`make_whole_client_data`'s element type for every client, not only the first.
+  """`make_whole_client_data`'s (or `make_packed_client_data`'s) element type for every
+  client, not only the first.
 
   TFF reads the element type off one client's dataset, whose example count
   is static there; the computation must take any count.
   """
   relax = lambda spec: tf.TensorSpec([None] + spec.shape[1:], spec.dtype)
-  relaxed = collections.OrderedDict(x=relax(element_type["x"]), y=relax(element_type["y"]),
-                                    client=element_type["client"])
-  if "canary" in element_type:
-    relaxed["canary"] = relax(element_type["canary"])
-  return relaxed
+  return collections.OrderedDict(
+      (name, spec if name == "client" else relax(spec)) for name, spec in element_type.items())

@@ -9,6 +9,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_dpmed import models
+from tff_dpmed.data import client_data
 from tff_dpmed.data.types import DatasetInfo
 from tff_dpmed.federated import canaries as canaries_lib
 from tff_dpmed.privacy import safe_updates
@@ -92,7 +93,8 @@ def build_learning_process(model, mechanism, opt: OptimizerConfig,
                            release_client_metrics: bool,
                            loop_implementation: tff.learning.LoopImplementation = CLIENT_LOOP,
                            client_element_type=None,
-                           canaries: Optional[canaries_lib.CanaryPlan] = None):
+                           canaries: Optional[canaries_lib.CanaryPlan] = None,
+                           packed: bool = False):
   """DP-FedAvg: uniform client weighting, as client-level DP needs bounded per-client influence.
 
   `mechanism` (a `privacy.mechanisms.Mechanism`) supplies the aggregator;
@@ -101,14 +103,21 @@ def build_learning_process(model, mechanism, opt: OptimizerConfig,
   mechanism that trains inside the clients (DP-SGD) supplies the client work
   too; it reads datasets of `client_element_type`. With `canaries` (the canary
   audit) the process reads `canaries_lib.with_canaries`' client data: compose
-  it with `canaries_lib.compose_client_data`.
+  it with `canaries_lib.compose_client_data`. `packed`: each client is a pack
+  of one-example clients (`client_data.make_packed_client_data`), trained and
+  clipped one by one inside it (`mechanism.packed_parts`).
   """
-  aggregator = mechanism.aggregator()
-  if aggregator is not None:
-    aggregator = safe_updates.bounded(aggregator)
   server_optimizer = tff.learning.optimizers.build_sgdm(
       learning_rate=opt.server_learning_rate,
       momentum=opt.server_momentum if opt.server_momentum > 0 else None)
+  if packed:
+    client_work, aggregator = mechanism.packed_parts(model, client_element_type,
+                                                     opt.client_learning_rate)
+    return _compose_with_client_work(model, client_work, safe_updates.bounded(aggregator),
+                                     server_optimizer)
+  aggregator = mechanism.aggregator()
+  if aggregator is not None:
+    aggregator = safe_updates.bounded(aggregator)
   if client_element_type is not None:
     client_work = mechanism.client_work(model, client_element_type, opt.client_learning_rate)
     if client_work is not None:
@@ -158,3 +167,19 @@ def _compose_with_client_work(model, client_work, aggregator, server_optimizer):
       client_work,
       update_aggregator,
       tff.learning.templates.build_apply_optimizer_finalizer(server_optimizer, weights_type))
+
+
+class PackingProcess:
+  """A learning process over packed one-example clients, called with the sampled
+  clients' ids as the unpacked process is: `next` packs them
+  (`client_data.pack_ids`); everything else is the wrapped process's."""
+
+  def __init__(self, process, clients_per_pack: int):
+    self._process = process
+    self._clients_per_pack = int(clients_per_pack)
+
+  def next(self, state, client_ids):
+    return self._process.next(state, client_data.pack_ids(client_ids, self._clients_per_pack))
+
+  def __getattr__(self, name):
+    return getattr(self._process, name)

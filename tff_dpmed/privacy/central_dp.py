@@ -8,7 +8,9 @@ parameters, including a clipped-count noise level that works for the small
 cohorts of hospital federations, come from `mechanisms.CentralGaussian`.
 """
 
+import tensorflow as tf
 import tensorflow_federated as tff
+import tensorflow_privacy as tfp
 from tensorflow_federated.python.core.impl.types import type_conversions
 
 
@@ -49,3 +51,35 @@ def build_tree_factory(mechanism) -> tff.aggregators.UnweightedAggregationFactor
   spec = mechanism.spec
   return _TreeFactory(float(spec.noise_multiplier), float(spec.clients_per_round),
                       float(spec.clip))
+
+
+class PreClippedGaussianSumQuery(tfp.GaussianSumQuery):
+  """TF Privacy's Gaussian sum query over records that are sums of units already
+  clipped to `unit_clip` (packed one-example clients: `packed_clients`).
+
+  Each unit (a patient) is in exactly one record, so adding or removing it
+  moves the sum by at most `unit_clip`: the query's sensitivity, as for
+  `GaussianSumQuery` over one unit per record, and its event is the same
+  G(stddev / unit_clip). Only the per-record clipping goes, since a record
+  (a pack of units) may exceed `unit_clip` by design.
+  """
+
+  def preprocess_record_impl(self, params, record):
+    del params
+    flat = tf.nest.flatten(record)
+    return record, tf.linalg.global_norm(flat)
+
+
+def build_packed_factory(mechanism) -> tff.aggregators.UnweightedAggregationFactory:
+  """The factory for a `mechanisms.CentralGaussian` with fixed clipping whose clients
+  arrive packed: the same noise N(0, (zC)^2) on the sum and the same denominator
+  (the expected cohort) as `build_factory`'s, over updates clipped per patient
+  inside the packs (`packed_clients.build_packed_client_work`)."""
+  spec = mechanism.spec
+  if spec.adaptive:
+    raise ValueError("packed clients need fixed clipping: adaptive clipping counts "
+                     "unclipped clients, which a pack hides")
+  z, n, clip = float(spec.noise_multiplier), float(spec.clients_per_round), float(spec.clip)
+  query = tfp.NormalizedQuery(PreClippedGaussianSumQuery(l2_norm_clip=clip, stddev=z * clip),
+                              denominator=n)
+  return tff.aggregators.DifferentiallyPrivateFactory(query)

@@ -23,6 +23,9 @@ EXECUTORS = ("local", "remote")
 # --audit: none; mia (membership inference on examples, program/audit.py); canary
 # (client-level canaries, Andrew et al. 2024, program/canary_audit.py).
 AUDITS = ("none", "mia", "canary")
+# --client_packing: auto packs one-example clients wherever the release is the same
+# function of the sampled clients (privacy/packed_clients.py), on insists, off never.
+CLIENT_PACKINGS = ("auto", "on", "off")
 DEFAULT_NUM_CANARIES = 50
 # The one-run example-level audit needs more: with m canaries its lower bound
 # cannot exceed about log(q / (1 - q)), q = 0.0125^(1/m) (4.2 at m = 300).
@@ -80,6 +83,7 @@ class RunConfig:
   # A JSON file composing the privacy spent by every run on this data (off: None).
   budget_ledger: Optional[str] = None
   max_concurrent_computation_calls: int = -1
+  client_packing: str = "auto"
   # Runtime: a worker of our own (local), or workers at `workers` (remote).
   executor: str = "local"
   workers: Optional[str] = None        # "host:port,host:port", as given to --workers
@@ -157,6 +161,7 @@ class RunConfig:
     _one_of("partition", self.partition, PARTITIONS)
     self._validate_runtime()
     self._validate_audit()
+    self._validate_packing()
     if self.image_size not in IMAGE_SIZES:
       raise UsageError(f"--image_size={self.image_size} is not supported: use 28, 64, 128 or 224")
     for name in ("rounds", "client_epochs", "client_batch_size", "rounds_per_eval",
@@ -192,6 +197,31 @@ class RunConfig:
     for name in ("target_epsilon", "max_epsilon"):
       if getattr(self, name) is not None:
         _positive_finite(name, getattr(self, name))
+
+  @property
+  def packs_clients(self) -> bool:
+    """Whether a round's one-example clients go to TFF in packs (--client_packing)."""
+    return self.client_packing != "off" and self.packing_obstacle() is None
+
+  def packing_obstacle(self) -> Optional[str]:
+    """Why packing would change what is released (None: it would not)."""
+    if self.partition != "per_example":
+      return "it needs one example per client (--partition=per_example)"
+    if self.dp.mode is not DPMode.CENTRAL or self.dp.adaptive:
+      return ("it needs --dp_mode=central with --clip_mode=fixed (adaptive clipping counts "
+              "unclipped clients, which a pack hides; other modes noise elsewhere)")
+    if self.client_epochs != 1:
+      return "a packed client takes one local step (--client_epochs=1)"
+    if self.debug_metrics or self.audit == "canary":
+      return "--debug_metrics and --audit=canary need every client on its own"
+    return None
+
+  def _validate_packing(self) -> None:
+    _one_of("client_packing", self.client_packing, CLIENT_PACKINGS)
+    obstacle = self.packing_obstacle()
+    if self.client_packing == "on" and obstacle is not None:
+      raise UsageError(f"--client_packing=on cannot pack this run: {obstacle}; use "
+                       "--client_packing=auto or off")
 
   def _validate_audit(self) -> None:
     _one_of("audit", self.audit, AUDITS)

@@ -207,6 +207,8 @@ def _initial_weights(cfg: RunConfig, info) -> tff.learning.models.ModelWeights:
 
 
 CLIENT_FILES = "client_data.tmp"
+# One-example clients per TFF client with --client_packing (benchmarks/bench_patients.py).
+PATIENTS_PER_PACK = 64
 
 
 @contextlib.contextmanager
@@ -258,6 +260,13 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
   process, release_client_metrics = build_process(run, federated_data)
   for key, value in mechanism.noise_choices().items():
     _log(f"note: {key}={value}")
+  if cfg.packs_clients:
+    _log(f"note: client_packing: each round's sampled clients go to TFF in packs of up to "
+         f"{PATIENTS_PER_PACK}, each client's update clipped on its own inside its pack "
+         "(the same release; --client_packing=off sends them one by one)")
+  elif cfg.partition == "per_example" and cfg.client_packing == "auto":
+    _log(f"note: client_packing: off, {cfg.packing_obstacle()}: every one-example client "
+         "is its own TFF client (slower)")
   learning_state = process.set_model_weights(process.initialize(), initial)
   sampler = make_sampler(cfg)
   state = loop.ProgramState(learning_state=learning_state, round=0,
@@ -314,6 +323,8 @@ def client_datasets(run: PreparedRun, folder: Optional[str] = None,
     images, labels, canary = canary_examples.training_arrays(
         images, labels, run.example_canaries, info, num_parameters)
   train_inputs = _model_inputs(cfg, info, images, "train")
+  if cfg.packs_clients:
+    return client_data_lib.make_packed_client_data(train_inputs, labels, run.partitions, info)
   if run.mechanism.samples_batches_itself:
     return client_data_lib.make_whole_client_data(
         train_inputs, labels, run.partitions, info, folder=folder, canary=canary)
@@ -348,7 +359,7 @@ def build_process(run: PreparedRun, federated_data):
   releases per-client train metrics (only without DP, or with --debug_metrics)."""
   cfg, info, mechanism = run.config, run.splits.info, run.mechanism
   element_type = federated_data.element_type_structure
-  if mechanism.samples_batches_itself:
+  if mechanism.samples_batches_itself or cfg.packs_clients:
     element_type = client_data_lib.any_client_size(element_type)
   # The model sees (x, y) batches; DP-SGD's client element also carries the client id.
   input_spec = collections.OrderedDict(x=element_type["x"], y=element_type["y"])
@@ -362,7 +373,7 @@ def build_process(run: PreparedRun, federated_data):
       tff_model, mechanism, process_lib.OptimizerConfig(
           cfg.client_learning_rate, cfg.server_learning_rate, cfg.server_momentum),
       release_client_metrics=release_client_metrics, client_element_type=element_type,
-      canaries=canaries)
+      canaries=canaries, packed=cfg.packs_clients)
   if canaries is not None:
     # Canary ids get no data and a marker (federated/canaries.py).
     return (canaries_lib.compose_client_data(federated_data, canaries, process),
@@ -371,6 +382,8 @@ def build_process(run: PreparedRun, federated_data):
   # graph is serialised per client per round.
   process = tff.simulation.compose_dataset_computation_with_learning_process(
       federated_data.dataset_computation, process)
+  if cfg.packs_clients:
+    process = process_lib.PackingProcess(process, PATIENTS_PER_PACK)
   return process, release_client_metrics
 
 

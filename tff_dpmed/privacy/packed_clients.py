@@ -1,0 +1,95 @@
+"""Packed one-example clients: many patients per TFF client, each clipped on its own.
+
+With one image per client (`--partition=per_example`) and one local step,
+a client's FedAvg update is its learning rate times its one example's
+gradient. TFF spends ~7-11 ms of dataset, iterator and dispatch overhead on
+each client (benchmarks/RESULTS_PATIENTS.md) to compute that one gradient.
+Here a TFF client is a *pack* of sampled patients: it computes their
+gradients vectorised (`example_dp.per_example_gradients`), clips each
+patient's update to C, and sends the sum. The server's aggregator
+(`central_dp.build_packed_factory`) adds the same N(0, (zC)^2) to the sum and
+divides by the same expected cohort as the unpacked central aggregator.
+
+So the release is the same function of the sampled patients, with the same
+noise: the patient is still the unit, sampled as the accountant assumes
+(the packs are formed after sampling), and one patient moves the sum by at
+most C. Nothing else leaves a pack: no metrics, no counts.
+"""
+
+import collections
+
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_dpmed.privacy.example_dp import per_example_gradients
+
+
+def clip_rows(rows: list, clip: float) -> list:
+  """Each unit's slice (leading axis) of `rows` scaled to global L2 norm <= `clip`;
+  a unit with a non-finite entry becomes zeros (TFF's rule for a client update).
+
+  The norm is taken after dividing by the unit's largest entry, so no finite
+  update overflows it (`safe_updates.safe_clip`, per unit).
+  """
+  flat = [tf.reshape(r, [tf.shape(r)[0], -1]) for r in rows]
+  finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(f), axis=1) for f in flat]),
+                         axis=0)
+  safe = [tf.where(finite[:, tf.newaxis], f, tf.zeros_like(f)) for f in flat]
+  max_abs = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(f), axis=1) for f in safe]), axis=0)
+  scale = tf.where(max_abs > 0, max_abs, tf.ones_like(max_abs))
+  unit_norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(f / scale[:, tf.newaxis]), axis=1)
+                                for f in safe]))
+  # ||row|| = scale * unit_norm. Scaled as (row / scale) * (clip / unit_norm): a
+  # factor clip / ||row|| itself can be subnormal, which the CPU flushes to zero.
+  over = (unit_norm > tf.cast(clip, scale.dtype) / scale)[:, tf.newaxis]
+  shrink = tf.math.divide_no_nan(tf.cast(clip, scale.dtype), unit_norm)[:, tf.newaxis]
+  clipped = [tf.where(over, (f / scale[:, tf.newaxis]) * shrink, f) for f in safe]
+  return [tf.reshape(c, tf.shape(r)) for c, r in zip(clipped, rows)]
+
+
+def build_packed_client_work(model: tff.learning.models.FunctionalModel, *, element_type,
+                             clip: float, learning_rate: float
+                             ) -> tff.learning.templates.ClientWorkProcess:
+  """A `ClientWorkProcess` whose client is a pack of one-example clients.
+
+  Each pack's dataset holds one element, `OrderedDict(x=(m, ...), y=(m, ...))`:
+  m patients' examples (`client_data.make_packed_client_data`). Patient i's
+  update is what FedAvg's client work makes of one SGD step on its example,
+  `learning_rate * grad_i` (initial minus trained weights); the pack returns
+  the sum of those updates, each clipped to `clip`.
+
+  Measurements: none.
+  """
+  if not 0 < clip < float("inf") or not 0 < learning_rate < float("inf"):
+    raise ValueError(f"clip={clip!r} and learning_rate={learning_rate!r} must be finite "
+                     "and > 0")
+  clip, lr = float(clip), float(learning_rate)
+  weights_type = tff.learning.models.ModelWeights(
+      tuple(tff.TensorType(w.dtype, w.shape) for w in model.initial_weights[0]),
+      tuple(tff.TensorType(w.dtype, w.shape) for w in model.initial_weights[1]))
+  data_type = tff.SequenceType(tf.nest.map_structure(
+      lambda spec: tff.TensorType(spec.dtype.as_numpy_dtype, spec.shape), element_type))
+
+  @tff.tensorflow.computation(weights_type, data_type)
+  def client_update(weights, dataset):
+    element = dataset.get_single_element()
+    trainable = list(weights.trainable)
+    grads = per_example_gradients(model, trainable, list(weights.non_trainable),
+                                  element["x"], element["y"])
+    clipped = clip_rows([lr * g for g in grads], clip)
+    update = tuple(tf.reduce_sum(c, axis=0) for c in clipped)
+    return tff.learning.templates.ClientResult(update=update, update_weight=tf.constant(1.0))
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_value((), tff.SERVER)
+
+  @tff.federated_computation(tff.FederatedType((), tff.SERVER),
+                             tff.FederatedType(weights_type, tff.CLIENTS),
+                             tff.FederatedType(data_type, tff.CLIENTS))
+  def next_fn(state, weights, client_data):
+    results = tff.federated_map(client_update, (weights, client_data))
+    measurements = tff.federated_value(collections.OrderedDict(train=()), tff.SERVER)
+    return tff.templates.MeasuredProcessOutput(state, results, measurements)
+
+  return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
