@@ -21,6 +21,7 @@ command reuses finished runs and resumes a killed one from its checkpoint.
 """
 
 import dataclasses
+import math
 import os
 import shlex
 import sys
@@ -55,6 +56,11 @@ def _define_flags() -> None:
       "per --only subset, or stopped part-way.")
   flags.DEFINE_bool("quick", False, "Smoke test: one row, epsilon 3 and z = 0, "
                     "2 rounds, 1 run.")
+  flags.DEFINE_list("audit_levels", ["8", "3", "1", "nodp"],
+                    "Levels (target epsilons, or nodp) at which each row also runs once as "
+                    "a canary twin (--audit=canary: canary clients in client-level rows, "
+                    "canary examples in example-level ones) for the empirical epsilon "
+                    "column; after every row's utility runs. Empty: no audit.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +78,45 @@ class Row:
     level = f"eps{target:g}" if target is not None else "nodp"
     return Recipe(f"{self.name}_{level}", self.dataset, self.partition, self.mode, target,
                   self.flags)
+
+  def canary_twin(self, target: Optional[float]) -> Recipe:
+    """The level's recipe with the trainer's canary audit: its empirical epsilon. The
+    canaries join the training, so the twin's AUC is not the row's."""
+    recipe = self.recipe(target)
+    return dataclasses.replace(recipe, name=recipe.name + "_canaries",
+                               flags=recipe.flags + ("--audit=canary",))
+
+
+def _audit_cell(summary: dict) -> str:
+  """The twin's empirical epsilon: the client-level estimate [CI], or the example-level
+  one-run lower bound."""
+  audit = summary.get("audit") or {}
+  flag = " VIOLATION" if audit.get("violation") else ""
+  if "epsilon_lower_bound" in audit:
+    return f"≥ {audit['epsilon_lower_bound']:.2f}{flag}"
+  if "epsilon_estimate" in audit:
+    low, high = audit.get("epsilon_ci") or (None, None)
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"
+    return f"{fmt(audit['epsilon_estimate'])} [{fmt(low)}, {fmt(high)}]{flag}"
+  return "no audit in summary"
+
+
+def _audit_glance(rows: list, levels: list, cells: dict) -> list:
+  """Markdown lines: the canary twins' empirical epsilon per row and audited level."""
+  if not levels:
+    return []
+  name = lambda t: f"ε = {t:g}" if t is not None else "no noise"
+  lines = ["## Audit: empirical ε of one canary twin per level", "",
+           "Client-level rows: the canary-client estimate (Andrew et al. 2024) with its 95% "
+           "bootstrap interval; example-level rows: the one-run lower bound from canary "
+           "examples (Steinke et al. 2023). The theoretical ε is the column's; VIOLATION "
+           "marks an audit above it.", "",
+           "| row | unit | " + " | ".join(name(t) for t in levels) + " |",
+           "|" + "---|" * (len(levels) + 2)]
+  for row in rows:
+    lines.append(f"| {row.label} (`{row.name}`) | {_unit(row)} | " +
+                 " | ".join(cells.get((row.name, t), "not run yet") for t in levels) + " |")
+  return lines + [""]
 
 
 def _shared(clients: int) -> tuple:
@@ -180,6 +225,11 @@ def _figures(rows: list, done: dict, output_dir: str) -> None:
                                title=f"{dataset}: val AUC per round")
 
 
+def _unit(row: Row) -> str:
+  return ("example" if row.mode == "example" else
+          "patient" if row.partition == "per_example" else "hospital")
+
+
 def _glance(rows: list, targets: list, cells: dict) -> list:
   """Markdown lines: one line per row, test AUC (mean ± sd) at each target and without noise."""
   levels = [*targets, None]
@@ -187,18 +237,34 @@ def _glance(rows: list, targets: list, cells: dict) -> list:
            "| row | unit | " + " | ".join(f"ε = {t:g}" for t in targets) + " | no noise |",
            "|" + "---|" * (len(levels) + 2)]
   for row in rows:
-    unit = ("example" if row.mode == "example" else
-            "patient" if row.partition == "per_example" else "hospital")
-    lines.append(f"| {row.label} (`{row.name}`) | {unit} | " +
+    lines.append(f"| {row.label} (`{row.name}`) | {_unit(row)} | " +
                  " | ".join(cells.get((row.name, t), "not run yet") for t in levels) + " |")
   return lines + ["", "## Every level", ""]
+
+
+def _audit_levels(targets: list) -> list:
+  """--audit_levels as levels of this study (floats, None for nodp), in the flag's order."""
+  levels = []
+  for text in FLAGS.audit_levels:
+    if text == "nodp":
+      levels.append(None)
+      continue
+    try:
+      level = float(text)
+    except ValueError:
+      level = math.nan
+    if level not in targets:
+      raise app.UsageError(f"--audit_levels: {text} is not one of the study's levels "
+                           f"({','.join(f'{t:g}' for t in targets)},nodp)")
+    levels.append(level)
+  return list(dict.fromkeys(levels))
 
 
 def main(argv) -> None:
   del argv
   start = time.time()
   if FLAGS.quick:
-    rows, targets, runs = [_quick_row()], [3.0], 1
+    rows, targets, runs, audit_levels = [_quick_row()], [3.0], 1, [3.0]
   else:
     unknown = set(FLAGS.only) - {r.name for r in ROWS}
     if unknown:
@@ -214,13 +280,28 @@ def main(argv) -> None:
     if not targets or min(targets) <= 0:
       raise app.UsageError("--target_epsilons must be numbers > 0, e.g. 0.5,1,2,4,8")
     runs = FLAGS.runs
+    audit_levels = _audit_levels(targets)
   output_dir = FLAGS.output_dir
   os.makedirs(output_dir, exist_ok=True)
   command = shlex.join(["python", "-m", "experiments.frontier", *sys.argv[1:]])
   levels = [(row, target) for row in rows for target in [*targets, None]]
-  table, done, cells = [], {}, {}
-  progress = tqdm.tqdm(total=len(levels) * runs, desc="frontier runs", unit="run",
-                       dynamic_ncols=True)
+  twins = [(row, target) for row in rows for target in audit_levels]
+  table, done, cells, audit_cells = [], {}, {}, {}
+  progress = tqdm.tqdm(total=len(levels) * runs + len(twins), desc="frontier runs",
+                       unit="run", dynamic_ncols=True)
+
+  def write_table() -> None:
+    recipes.write_table(table, output_dir, [
+        "# Privacy-utility frontier at calibrated epsilon", "",
+        f"`{command}`: {(time.time() - start) / 60:.1f} min of wall time for this invocation "
+        "on this machine (2 cores; finished runs are reused).",
+        "Each level is the row's recipe with its noise calibrated to the target (or z = 0), "
+        f"{runs} unseeded run(s); test AUC at each run's best-val round, mean ± sd. Epsilon "
+        "is in the row's privacy unit (privacy_unit) at its delta.", "",
+        "Recipes: " + "; ".join(f"`{r.name}` from {r.why}" for r in rows) + ".", "",
+        *_audit_glance(rows, audit_levels, audit_cells),
+        *_glance(rows, targets, cells)])
+
   for row, target in levels:
     recipe = row.recipe(target)
     summaries = []
@@ -248,22 +329,29 @@ def main(argv) -> None:
                                       if len(summaries) < runs else ""))
       else:
         table.append(recipes.not_run_row(recipe))
-    recipes.write_table(table, output_dir, [
-        "# Privacy-utility frontier at calibrated epsilon", "",
-        f"`{command}`: {(time.time() - start) / 60:.1f} min of wall time for this invocation "
-        "on this machine (2 cores; finished runs are reused).",
-        "Each level is the row's recipe with its noise calibrated to the target (or z = 0), "
-        f"{runs} unseeded run(s); test AUC at each run's best-val round, mean ± sd. Epsilon "
-        "is in the row's privacy unit (privacy_unit) at its delta.", "",
-        "Recipes: " + "; ".join(f"`{r.name}` from {r.why}" for r in rows) + ".", "",
-        *_glance(rows, targets, cells)])
+    write_table()
     if not FLAGS.report_only:
       _figures(rows, done, output_dir)  # Partial figures as levels finish.
-  if FLAGS.report_only:
-    _figures(rows, done, output_dir)
+  # The audit twins, after every utility run: the study's table comes first.
+  for row, target in twins:
+    twin = row.canary_twin(target)
+    try:
+      summary = (recipes.finished_run(twin, 0, output_dir) if FLAGS.report_only else
+                 recipes.run_recipe(twin, 0, FLAGS.data_dir, output_dir))
+    except recipes.Unreachable:
+      audit_cells[(row.name, target)] = "unreachable"
+    except RuntimeError as e:  # One twin that fails leaves the others their cells.
+      audit_cells[(row.name, target)] = "failed (see its log)"
+      print(f"warning: {e}", file=sys.stderr, flush=True)
+    else:
+      if summary is not None:
+        audit_cells[(row.name, target)] = _audit_cell(summary)
+    progress.update()
+    write_table()
+  _figures(rows, done, output_dir)
   progress.close()
-  print(f"frontier: {len(table)} levels in {(time.time() - start) / 60:.1f} min; "
-        f"{os.path.join(output_dir, 'results.md')}")
+  print(f"frontier: {len(table)} levels and {len(audit_cells)} audit twins in "
+        f"{(time.time() - start) / 60:.1f} min; {os.path.join(output_dir, 'results.md')}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,12 @@ def test_quick_frontier_runs_and_resumes_without_training_again(data_dir, tmp_pa
   assert rows["quick_nodp"]["epsilon"] == "inf (no noise)"
   for name in ("results.md", "frontier_breastmnist.png", "curves_breastmnist.png"):
     assert (tmp_path / name).stat().st_size > 0
+  # The audit column: the eps-3 level's canary twin (canary examples: a lower bound).
+  twin = tmp_path / "runs" / "quick_eps3_canaries_r0" / "summary.json"
+  assert "epsilon_lower_bound" in twin.read_text()
+  glance = (tmp_path / "results.md").read_text()
+  audit_row = next(l for l in glance.splitlines() if l.startswith("| ") and "≥ " in l)
+  assert "(`quick`)" in audit_row and "not run yet" not in audit_row
   # Run again: finished runs are reused, nothing trains (a run log would be rewritten).
   logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.log")}
   again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
