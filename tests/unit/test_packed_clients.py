@@ -125,12 +125,18 @@ def test_pack_ids_cover_every_client_once_in_even_packs():
   assert client_data.pack_ids([], 64) == []
 
 
-def test_a_pack_dataset_holds_its_members_examples():
+@pytest.mark.parametrize("in_files", [False, True])
+def test_a_pack_dataset_holds_its_members_examples(in_files, tmp_path):
   images, labels, partitions = _arrays()
-  data = client_data.make_packed_client_data(images, labels, partitions, INFO)
+  partitions = partitions[::-1]  # Client i holds example PATIENTS - 1 - i.
+  data = client_data.make_packed_client_data(images, labels, partitions, INFO,
+                                             folder=str(tmp_path) if in_files else None)
+  assert len(list(tmp_path.iterdir())) == (2 * PATIENTS if in_files else 0)
   element = data.serializable_dataset_fn("7,2,31").get_single_element()
-  np.testing.assert_allclose(element["x"].numpy(), images[[7, 2, 31]] / 255.0, atol=1e-6)
-  np.testing.assert_array_equal(element["y"].numpy(), labels[[7, 2, 31]])
+  examples = [PATIENTS - 1 - i for i in (7, 2, 31)]
+  np.testing.assert_allclose(element["x"].numpy(), images[examples] / 255.0, atol=1e-6)
+  np.testing.assert_array_equal(element["y"].numpy(), labels[examples])
+  assert element["x"].dtype == tf.float32 and element["y"].dtype == tf.int32
   with pytest.raises(UsageError, match="one example per client"):
     client_data.make_packed_client_data(images, labels, [np.arange(2), np.arange(2, 5)], INFO)
 

@@ -300,7 +300,8 @@ def pack_ids(client_ids: Sequence, pack_size: int) -> list[str]:
 
 
 def make_packed_client_data(images: np.ndarray, labels: np.ndarray,
-                            partitions: Sequence[np.ndarray], info: DatasetInfo
+                            partitions: Sequence[np.ndarray], info: DatasetInfo,
+                            folder: Optional[str] = None
                             ) -> tff.simulation.datasets.ClientData:
   """Datasets of packs of one-example clients (`privacy.packed_clients`).
 
@@ -309,6 +310,10 @@ def make_packed_client_data(images: np.ndarray, labels: np.ndarray,
   dataset holds one element, `OrderedDict(x=(m, ...), y=(m, ...))`, the m
   members' examples as `make_federated_train_data` makes them. The listed
   client ids are the single clients ("0", "1", ...), each a pack of one.
+
+  With `folder` (a private directory the TFF worker can read), each client's
+  `x` and `y` are written there once and a pack reads its members' files, so
+  the computation carries no data (as `make_whole_client_data`'s).
   """
   images, labels = np.asarray(images), np.asarray(labels)
   _check_arrays(images, labels, info)
@@ -316,18 +321,48 @@ def make_packed_client_data(images: np.ndarray, labels: np.ndarray,
   if len(flat) != len(offsets) - 1:
     raise UsageError("packed clients need one example per client, but some clients hold "
                      "more: use --partition=per_example, or --client_packing=off")
+  client_ids = [str(i) for i in range(len(offsets) - 1)]
+  if folder is not None:
+    return _packs_from_files(images, labels, flat, info, folder, client_ids)
   shared = _SharedArrays(images=images, labels=labels, flat=flat)
 
   def pack_dataset(pack_id) -> tf.data.Dataset:
     images_t, labels_t, flat_t = shared.get("images"), shared.get("labels"), shared.get("flat")
-    members = tf.strings.to_number(tf.strings.split(pack_id, PACK_SEPARATOR),
-                                   out_type=tf.int64)
-    indices = tf.gather(flat_t, members)
+    indices = tf.gather(flat_t, _pack_members(pack_id))
     return tf.data.Dataset.from_tensors(collections.OrderedDict(
         x=model_inputs(tf.gather(images_t, indices)),
         y=preprocess_labels(tf.gather(labels_t, indices), info)))
 
-  client_ids = [str(i) for i in range(len(offsets) - 1)]
+  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(client_ids, pack_dataset)
+
+
+def _pack_members(pack_id) -> tf.Tensor:
+  return tf.strings.to_number(tf.strings.split(pack_id, PACK_SEPARATOR), out_type=tf.int64)
+
+
+def _packs_from_files(images, labels, flat, info, folder: str, client_ids: list
+                      ) -> tff.simulation.datasets.ClientData:
+  """`make_packed_client_data`, each client's one example in `folder` (its image or
+  features and its label as stored, serialised protos; normalised when read)."""
+  for client, index in zip(client_ids, flat):
+    for name, array in (("x", images[index]), ("y", labels[index])):
+      tf.io.write_file(os.path.join(folder, f"{client}.{name}"),
+                       tf.io.serialize_tensor(tf.constant(array)))
+  specs = {"x": tf.TensorSpec(images.shape[1:], images.dtype),
+           "y": tf.TensorSpec(labels.shape[1:], labels.dtype)}
+
+  def pack_dataset(pack_id) -> tf.data.Dataset:
+    members = tf.strings.as_string(_pack_members(pack_id))
+
+    def read(name):
+      paths = tf.strings.join([folder + os.sep, members, "." + name])
+      spec = specs[name]
+      return tf.map_fn(lambda path: tf.ensure_shape(
+          tf.io.parse_tensor(tf.io.read_file(path), spec.dtype), spec.shape),
+                       paths, fn_output_signature=spec)
+    return tf.data.Dataset.from_tensors(collections.OrderedDict(
+        x=model_inputs(read("x")), y=preprocess_labels(read("y"), info)))
+
   return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(client_ids, pack_dataset)
 
 

@@ -213,15 +213,16 @@ PATIENTS_PER_PACK = 64
 
 @contextlib.contextmanager
 def _client_files(run: PreparedRun):
-  """A private folder from which the local worker reads DP-SGD's whole-client data,
-  or None where the data go in the computation (remote workers need not share
+  """A private folder from which the local worker reads DP-SGD's whole-client data or
+  packed clients' examples, or None where the data go in the computation (remote workers need not share
   this machine's file system).
 
   It lives in the (locked) run folder, mode 0700, and is removed when the run
   ends; a run killed before that leaves it there, and the next run in the
   folder replaces it, so no copy of the data is left elsewhere.
   """
-  if not run.mechanism.samples_batches_itself or run.config.executor != "local":
+  reads_files = run.mechanism.samples_batches_itself or run.config.packs_clients
+  if not reads_files or run.config.executor != "local":
     yield None
     return
   path = os.path.join(run.config.run_dir, CLIENT_FILES)
@@ -324,7 +325,8 @@ def client_datasets(run: PreparedRun, folder: Optional[str] = None,
         images, labels, run.example_canaries, info, num_parameters)
   train_inputs = _model_inputs(cfg, info, images, "train")
   if cfg.packs_clients:
-    return client_data_lib.make_packed_client_data(train_inputs, labels, run.partitions, info)
+    return client_data_lib.make_packed_client_data(train_inputs, labels, run.partitions, info,
+                                                   folder=folder)
   if run.mechanism.samples_batches_itself:
     return client_data_lib.make_whole_client_data(
         train_inputs, labels, run.partitions, info, folder=folder, canary=canary)
