@@ -185,6 +185,13 @@ ROWS = (
         "the breast_iid_example recipe with one client and 10x its batch"),
     Row("breast_iid_central", "hospital-level central DP, 10 hospitals, IID", "breastmnist",
         "iid", "central", _hospital_level(), _CENTRAL_WHY),
+    Row("breast_patients_central", "patient-level central DP, 546 patients as clients",
+        "breastmnist", "per_example", "central",
+        ("--num_clients=546", "--clients_per_round=64", "--clip_mode=fixed", "--clip=1",
+         "--rounds=20", "--model=scatter_linear", "--client_batch_size=1",
+         "--client_learning_rate=0.5", "--server_learning_rate=1", "--server_momentum=0.9",
+         "--rounds_per_eval=2"),
+        "the pneumonia_patients_central recipe with 64 of 546 patients per round, untuned"),
     Row("breast_iid_local", "hospital-level local DP, 10 hospitals, IID", "breastmnist", "iid",
         "local", _hospital_level(), _LOCAL_WHY),
 )
