@@ -56,11 +56,12 @@ def _define_flags() -> None:
       "per --only subset, or stopped part-way.")
   flags.DEFINE_bool("quick", False, "Smoke test: one row, epsilon 3 and z = 0, "
                     "2 rounds, 1 run.")
-  flags.DEFINE_list("audit_levels", ["8", "3", "1", "nodp"],
+  flags.DEFINE_list("audit_levels", ["3", "nodp"],
                     "Levels (target epsilons, or nodp) at which each row also runs once as "
                     "a canary twin (--audit=canary: canary clients in client-level rows, "
                     "canary examples in example-level ones) for the empirical epsilon "
-                    "column; after every row's utility runs. Empty: no audit.")
+                    "column; after every row's utility runs, one level for all rows at a "
+                    "time. Empty: no audit.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,7 +299,7 @@ def main(argv) -> None:
   os.makedirs(output_dir, exist_ok=True)
   command = shlex.join(["python", "-m", "experiments.frontier", *sys.argv[1:]])
   levels = [(row, target) for row in rows for target in [*targets, None]]
-  twins = [(row, target) for row in rows for target in audit_levels]
+  twins = [(row, target) for target in audit_levels for row in rows]
   table, done, cells, audit_cells = [], {}, {}, {}
   progress = tqdm.tqdm(total=len(levels) * runs + len(twins), desc="frontier runs",
                        unit="run", dynamic_ncols=True)
