@@ -7,7 +7,9 @@ timed is what `python -m tff_dpmed.train` runs each round, minus evaluation
 and checkpoints.
 """
 
+import atexit
 import dataclasses
+import shutil
 import tempfile
 import time
 from typing import Optional
@@ -67,12 +69,15 @@ def resample_clients(run, num_clients: int, copy_images: bool = False, seed: int
 
 def prepare(data_dir: Optional[str], num_clients: int, clients_per_round: int,
             dataset: str = "pneumoniamnist", resample: Optional[str] = None,
-            **overrides) -> Workload:
+            client_files: bool = True, **overrides) -> Workload:
   """Loads and partitions the data and builds the client datasets (no TFF process yet).
 
   resample: None splits the real training set IID over `num_clients`;
   "shared" or "copied" makes `num_clients` resampled clients (see
   `resample_clients`: shared images, or copies per client).
+  client_files: the clients' data in files the local worker reads, as the
+  trainer does (a private temporary folder, removed at exit); False embeds
+  them in the computation (the trainer's way with remote workers).
   overrides: flat, flag-named RunConfig fields, e.g. noise_multiplier=0.0.
   """
   from tff_dpmed import models  # pylint: disable=g-import-not-at-top
@@ -85,16 +90,25 @@ def prepare(data_dir: Optional[str], num_clients: int, clients_per_round: int,
     run = resample_clients(run, num_clients, copy_images=(resample == "copied"))
   cfg = run.config
   t1 = time.perf_counter()
+  folder = _private_folder() if client_files else None
   if cfg.packs_clients:  # The trainer's packed one-example clients.
-    federated_data = trainer.client_datasets(run)
+    federated_data = trainer.client_datasets(run, folder)
   else:
     federated_data = client_data_lib.make_federated_train_data(
         run.splits.train_images, run.splits.train_labels, run.partitions, run.splits.info,
-        batch_size=cfg.client_batch_size, epochs=cfg.client_epochs, seed=cfg.seed)
+        batch_size=cfg.client_batch_size, epochs=cfg.client_epochs, seed=cfg.seed,
+        folder=folder)
   model = models.build_model(cfg.model, run.splits.info, seed=cfg.seed)
   initial = [np.asarray(w) for w in model.trainable_weights]
   t2 = time.perf_counter()
   return Workload(run, federated_data, initial, {"data": t1 - t0, "client_data": t2 - t1})
+
+
+def _private_folder() -> str:
+  """A 0700 temporary folder (the trainer's is in its run folder), removed at exit."""
+  folder = tempfile.mkdtemp(prefix="tff_dpmed_bench_clients_")
+  atexit.register(shutil.rmtree, folder, ignore_errors=True)
+  return folder
 
 
 def releases_client_metrics(work: Workload) -> bool:

@@ -145,9 +145,16 @@ def test_ten_thousand_clients_share_one_copy(pneumonia):
   per_client_copies = sum(len(p) for p in parts) * images[0].nbytes
   assert retained < images.nbytes + 1.5e6 < per_client_copies / 4
   assert len(cd.client_ids) == 10_000 and cd.client_ids[-1] == "9999"
-  # The dataset function closes over one tensor of all images, not per-client data.
-  closure = {c.cell_contents for c in cd.serializable_dataset_fn.__closure__
-             if isinstance(c.cell_contents, client_data._SharedArrays)}
+  # The dataset function closes (through its reader of a client's examples) over
+  # one tensor of all images, not per-client data.
+  def captured(fn, depth=2):
+    for cell in fn.__closure__ or ():
+      yield cell.cell_contents
+      if depth > 1 and callable(cell.cell_contents) and hasattr(cell.cell_contents,
+                                                                "__closure__"):
+        yield from captured(cell.cell_contents, depth - 1)
+  closure = {c for c in captured(cd.serializable_dataset_fn)
+             if isinstance(c, client_data._SharedArrays)}
   assert len(closure) == 1
   tensors = closure.pop().tensors
   assert tensors["images"].shape == images.shape
@@ -259,3 +266,28 @@ def test_whole_client_data_from_files_holds_the_same_tensors(tmp_path):
     (got,) = from_files.create_tf_dataset_for_client(client)
     for name in ("x", "y", "client"):
       np.testing.assert_array_equal(got[name], want[name])
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_batched_clients_from_files_yield_the_same_batches(tmp_path, multi_label,
+                                                           tff_runtime):
+  # The local worker reads every client's examples from private files; the
+  # batches (order included, for a seed) must be those of the embedded data,
+  # in Python and in the dataset computation TFF runs.
+  del tff_runtime
+  tf.random.set_seed(None)  # See test_dataset_computation_runs_on_worker.
+  images, labels, info = _small(n=30, multi_label=multi_label)
+  parts = [np.array([3, 1, 29, 7, 8]), np.arange(10, 22), np.array([0, 2])]
+  args = dict(batch_size=4, epochs=2, seed=11)
+  embedded = client_data.make_federated_train_data(images, labels, parts, info, **args)
+  from_files = client_data.make_federated_train_data(images, labels, parts, info,
+                                                     folder=str(tmp_path), **args)
+  assert len(list(tmp_path.iterdir())) == 2 * len(parts)
+  assert from_files.element_type_structure == embedded.element_type_structure
+  for client in ("0", "1", "2"):
+    want = _batches(embedded, client)
+    for got in (_batches(from_files, client), list(from_files.dataset_computation(client))):
+      assert [len(b["y"]) for b in got] == [len(b["y"]) for b in want]
+      for g, w in zip(got, want):
+        np.testing.assert_array_equal(g["x"], w["x"])
+        np.testing.assert_array_equal(g["y"], w["y"])

@@ -137,7 +137,8 @@ def _client_options() -> tf.data.Options:
 def make_federated_train_data(images: np.ndarray, labels: np.ndarray,
                               partitions: Sequence[np.ndarray], info: DatasetInfo,
                               batch_size: int, epochs: int = 1, seed: int = 0,
-                              shuffle_buffer: Optional[int] = None
+                              shuffle_buffer: Optional[int] = None,
+                              folder: Optional[str] = None
                               ) -> tff.simulation.datasets.ClientData:
   """One lazily built `tf.data.Dataset` per client, over shared arrays.
 
@@ -166,6 +167,11 @@ def make_federated_train_data(images: np.ndarray, labels: np.ndarray,
       and is the same every time its dataset is created.
     shuffle_buffer: None shuffles each client completely (only int64 indices
       are buffered); a number limits the buffer.
+    folder: a private directory the TFF worker can read: each client's
+      examples are written there once, as stored (uint8 images or features),
+      and its dataset reads them, so the computation carries file names, not
+      the training set (which TFF's compiler copies many times: a 224-px set
+      would not compile). None: the data are constants of the computation.
 
   Returns:
     A `tff.simulation.datasets.ClientData`; its `dataset_computation` works too.
@@ -181,27 +187,34 @@ def make_federated_train_data(images: np.ndarray, labels: np.ndarray,
     shuffle_buffer = _check_positive("shuffle_buffer", shuffle_buffer)
   are_features = images.dtype == np.float32
   flat, offsets = _flatten_partitions(partitions, len(images))
-  shared = _SharedArrays(images=images, labels=labels, flat=flat, offsets=offsets)
   max_size = int(np.max(np.diff(offsets)))
   buffer = max_size if shuffle_buffer is None else min(shuffle_buffer, max_size)
   seed = int(seed)
+  client_ids = [str(i) for i in range(len(offsets) - 1)]
+  if folder is not None:
+    own_examples = _clients_in_files(images, labels, flat, offsets, folder, client_ids)
+  else:
+    shared = _SharedArrays(images=images, labels=labels, flat=flat, offsets=offsets)
+
+    def own_examples(client_id, client):
+      del client_id
+      # The arrays are fetched here, in the caller's graph, not inside `map`'s
+      # function, whose captures must come from this outer graph. The client's
+      # own examples are gathered before the pipeline, so that the dataset
+      # captures only them. TFF's worker hands each client's dataset on as a
+      # serialised graph holding every tensor the dataset captures: with all
+      # images captured, that was a copy of the whole training set per client
+      # per round (17 GB at 50 clients of a 10,000-client set).
+      flat_t, offsets_t = shared.get("flat"), shared.get("offsets")
+      indices = flat_t[offsets_t[client]:offsets_t[client + 1]]
+      return (tf.gather(shared.get("images"), indices),
+              tf.gather(shared.get("labels"), indices))
 
   def client_dataset(client_id) -> tf.data.Dataset:
     # Python str (eager) or tf.string scalar (inside dataset_computation).
-    # The arrays are fetched here, in the caller's graph, not inside `map`'s
-    # function, whose captures must come from this outer graph.
-    images_t, labels_t = shared.get("images"), shared.get("labels")
-    flat_t, offsets_t = shared.get("flat"), shared.get("offsets")
     client = tf.strings.to_number(client_id, out_type=tf.int64)
-    indices = flat_t[offsets_t[client]:offsets_t[client + 1]]
     client_seed = tf.constant(seed, tf.int64) * _SEED_STRIDE + client
-    # The client's own examples, gathered before the pipeline, so that the
-    # dataset captures only them. TFF's worker hands each client's dataset on
-    # as a serialised graph holding every tensor the dataset captures: with
-    # all images captured, that was a copy of the whole training set per
-    # client per round (17 GB at 50 clients of a 10,000-client set).
-    client_images = tf.gather(images_t, indices)
-    client_labels = tf.gather(labels_t, indices)
+    client_images, client_labels = own_examples(client_id, client)
 
     def gather(positions):
       x = tf.gather(client_images, positions)
@@ -210,15 +223,37 @@ def make_federated_train_data(images: np.ndarray, labels: np.ndarray,
           y=preprocess_labels(tf.gather(client_labels, positions), info))
 
     # Shuffling positions 0..n-1 permutes exactly as shuffling the indices did.
-    return (tf.data.Dataset.range(tf.size(indices, out_type=tf.int64))
+    return (tf.data.Dataset.range(tf.shape(client_labels, out_type=tf.int64)[0])
             .shuffle(buffer, seed=client_seed, reshuffle_each_iteration=True)
             .repeat(epochs)
             .batch(batch_size, drop_remainder=False)
             .map(gather)
             .with_options(_client_options()))
 
-  client_ids = [str(i) for i in range(len(offsets) - 1)]
   return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(client_ids, client_dataset)
+
+
+def _clients_in_files(images: np.ndarray, labels: np.ndarray, flat: np.ndarray,
+                      offsets: np.ndarray, folder: str, client_ids: list):
+  """Writes each client's images and labels (as stored) to `folder`; returns the
+  function that reads a client's back: (client_id, client) -> (images, labels)."""
+  for i, client in enumerate(client_ids):
+    indices = flat[offsets[i]:offsets[i + 1]]
+    for name, array in (("x", images[indices]), ("y", labels[indices])):
+      tf.io.write_file(os.path.join(folder, f"{client}.{name}"),
+                       tf.io.serialize_tensor(tf.constant(array)))
+  specs = {"x": tf.TensorSpec([None, *images.shape[1:]], images.dtype),
+           "y": tf.TensorSpec([None, *labels.shape[1:]], labels.dtype)}
+
+  def read(client_id, client):
+    del client
+    def one(name):
+      path = tf.strings.join([folder + os.sep, client_id, "." + name])
+      return tf.ensure_shape(tf.io.parse_tensor(tf.io.read_file(path), specs[name].dtype),
+                             specs[name].shape)
+    return one("x"), one("y")
+
+  return read
 
 
 def make_eval_dataset(images: np.ndarray, labels: np.ndarray, info: DatasetInfo,

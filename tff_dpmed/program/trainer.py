@@ -213,16 +213,15 @@ PATIENTS_PER_PACK = 64
 
 @contextlib.contextmanager
 def _client_files(run: PreparedRun):
-  """A private folder from which the local worker reads DP-SGD's whole-client data or
-  packed clients' examples, or None where the data go in the computation (remote workers need not share
-  this machine's file system).
+  """A private folder from which the local worker reads the clients' data, or None
+  where the data go in the computation (remote workers need not share this
+  machine's file system).
 
   It lives in the (locked) run folder, mode 0700, and is removed when the run
   ends; a run killed before that leaves it there, and the next run in the
   folder replaces it, so no copy of the data is left elsewhere.
   """
-  reads_files = run.mechanism.samples_batches_itself or run.config.packs_clients
-  if not reads_files or run.config.executor != "local":
+  if run.config.executor != "local":
     yield None
     return
   path = os.path.join(run.config.run_dir, CLIENT_FILES)
@@ -311,9 +310,9 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
 
 def client_datasets(run: PreparedRun, folder: Optional[str] = None,
                     initial: Optional[tff.learning.models.ModelWeights] = None):
-  """The clients' train data as the mechanism reads it: local batches, or (DP-SGD,
-  which samples its own batches) each client's examples whole, from files in
-  `folder` if given. `initial`: the model's weights, if built already (canary
+  """The clients' train data as the mechanism reads it: local batches, packs of
+  one-example clients (--client_packing), or (DP-SGD, which samples its own
+  batches) each client's examples whole; from files in `folder` if given. `initial`: the model's weights, if built already (canary
   examples need its size)."""
   cfg, splits, info = run.config, run.splits, run.splits.info
   images, labels, canary = splits.train_images, splits.train_labels, None
@@ -333,7 +332,7 @@ def client_datasets(run: PreparedRun, folder: Optional[str] = None,
   return client_data_lib.make_federated_train_data(
       train_inputs, labels, run.partitions, info,
       batch_size=cfg.client_batch_size, epochs=cfg.client_epochs,
-      seed=0 if cfg.seed is None else cfg.seed)
+      seed=0 if cfg.seed is None else cfg.seed, folder=folder)
 
 
 def _model_inputs(cfg: RunConfig, info, images: np.ndarray, split: str) -> np.ndarray:
