@@ -31,11 +31,14 @@ _EPOCHS = flags.DEFINE_integer("fit_epochs", 2, "Timed Keras epochs per repetiti
 
 
 def keras_fit(data_dir: Optional[str], repetitions: int, epochs: int,
-              show_progress: bool = True, dataset: str = "pneumoniamnist") -> dict:
-  """Seconds and CPU seconds per epoch of model.fit, and examples per epoch."""
+              show_progress: bool = True, dataset: str = "pneumoniamnist",
+              upsample: Optional[int] = None) -> dict:
+  """Seconds and CPU seconds per epoch of model.fit, and examples per epoch
+  (`upsample`: on images resized to that side, as workload.prepare does)."""
   from tff_dpmed import models  # pylint: disable=g-import-not-at-top
   from tff_dpmed.data import client_data  # pylint: disable=g-import-not-at-top
-  work = workload.prepare(data_dir, 100, 1, dataset=dataset)
+  work = workload.prepare(data_dir, 100, 1, dataset=dataset, upsample=upsample,
+                          client_files=False)
   cfg, splits = work.run.config, work.run.splits
   model = models.build_model(cfg.model, splits.info, seed=cfg.seed)
   model.compile(optimizer=tf.keras.optimizers.SGD(cfg.client_learning_rate),

@@ -40,6 +40,8 @@ _PACKING = flags.DEFINE_enum("client_packing", "off", ["auto", "on", "off"],
                              "With --per_example: the trainer's --client_packing (packing "
                              "needs fixed clipping, so --per_example runs use it).")
 # Levers (see workload.py); the defaults are what the trainer does.
+_UPSAMPLE = flags.DEFINE_integer("upsample", None, "Resize every image to this side, px "
+                                 "(bench_large_images).")
 _CLIENT_FILES = flags.DEFINE_boolean("client_files", True, "The clients' data in files the "
                                      "worker reads (the trainer's local runs), not embedded "
                                      "in the computation.")
@@ -76,7 +78,7 @@ def main(argv):
   work = workload.prepare(_DATA_DIR.value, _NUM_CLIENTS.value, _CLIENTS_PER_ROUND.value,
                           dataset=_DATASET.value, resample=_RESAMPLE.value,
                           max_concurrent_computation_calls=_MAX_CONCURRENT.value,
-                          client_files=_CLIENT_FILES.value,
+                          client_files=_CLIENT_FILES.value, upsample=_UPSAMPLE.value,
                           **(dict(partition="per_example", client_batch_size=1,
                                   clip_mode="fixed", clip=1.0,
                                   client_packing=_PACKING.value)

@@ -67,14 +67,36 @@ def resample_clients(run, num_clients: int, copy_images: bool = False, seed: int
                              mechanism=mechanisms.for_spec(config.dp))
 
 
+def upsampled(run, size: int):
+  """`run` with every split's images resized to `size` x `size` (bilinear, uint8)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  splits = run.splits
+
+  def resize(images: np.ndarray) -> np.ndarray:
+    out = np.empty((len(images), size, size, images.shape[-1]), np.uint8)
+    for start in range(0, len(images), 512):  # Bounded float32 temporaries.
+      batch = tf.image.resize(images[start:start + 512], (size, size), method="bilinear")
+      out[start:start + 512] = np.clip(np.round(batch.numpy()), 0, 255).astype(np.uint8)
+    return out
+
+  info = dataclasses.replace(splits.info, image_shape=(size, size, splits.info.image_shape[2]))
+  splits = dataclasses.replace(
+      splits, info=info, train_images=resize(splits.train_images),
+      val_images=resize(splits.val_images), test_images=resize(splits.test_images))
+  return dataclasses.replace(run, splits=splits)
+
+
 def prepare(data_dir: Optional[str], num_clients: int, clients_per_round: int,
             dataset: str = "pneumoniamnist", resample: Optional[str] = None,
-            client_files: bool = True, **overrides) -> Workload:
+            client_files: bool = True, upsample: Optional[int] = None,
+            **overrides) -> Workload:
   """Loads and partitions the data and builds the client datasets (no TFF process yet).
 
   resample: None splits the real training set IID over `num_clients`;
   "shared" or "copied" makes `num_clients` resampled clients (see
   `resample_clients`: shared images, or copies per client).
+  upsample: a side in px: every split's images resized to it (bilinear, uint8), for
+  large-image benchmarks where no file of that size exists.
   client_files: the clients' data in files the local worker reads, as the
   trainer does (a private temporary folder, removed at exit); False embeds
   them in the computation (the trainer's way with remote workers).
@@ -88,6 +110,8 @@ def prepare(data_dir: Optional[str], num_clients: int, clients_per_round: int,
                                    clients_per_round, dataset, **overrides))
   if resample:
     run = resample_clients(run, num_clients, copy_images=(resample == "copied"))
+  if upsample:
+    run = upsampled(run, upsample)
   cfg = run.config
   t1 = time.perf_counter()
   folder = _private_folder() if client_files else None

@@ -15,6 +15,7 @@ from benchmarks import bench_accounting
 from benchmarks import bench_dp_sgd
 from benchmarks import bench_first_round
 from benchmarks import bench_round_time
+from benchmarks import bench_large_images
 from benchmarks import bench_patients
 from benchmarks import bench_scale
 from benchmarks import bench_throughput
@@ -225,3 +226,15 @@ def test_patients_benchmark_fits_the_per_client_overhead(data_dir):
   text = bench_patients.render(raw)
   assert "| packed | 8 | 8 |" in text and "| one by one | 8 | 8 |" in text
   assert "ms per one-image client" in text and "ratio to Keras fit" in text
+
+
+def test_large_images_benchmark_trains_upsampled_data_from_files(data_dir):
+  raw = bench_large_images.run(str(data_dir), 40, repetitions=1, rounds_per_rep=1,
+                               show_progress=False)
+  result = raw["tff"]
+  assert result["workers"] == 1 and result["clients_per_round"] == 10
+  assert len(result["round_s"]) == bench_large_images.WARMUP_ROUNDS + 1
+  assert result["peak_rss_bytes"]["worker"] > 0
+  assert raw["keras"]["examples_per_epoch"] == 4708
+  text = bench_large_images.render(raw)
+  assert "ratio to Keras fit" in text and "Training pixels: 7 MiB" in text
