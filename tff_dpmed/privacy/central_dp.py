@@ -1,5 +1,6 @@
 """Central DP's TFF aggregators: the server clips each client update and noises the sum
-(Gaussian per round, or tree-aggregated over rounds for DP-FTRL).
+(Gaussian per round, or tree-aggregated over rounds for DP-FTRL); for packed
+one-example clients, clipped inside their packs, it only noises the sum.
 
 A thin layer over `tff.aggregators.DifferentiallyPrivateFactory` (TF Privacy's
 Gaussian sum queries, normalised by the expected cohort size, so the
@@ -54,14 +55,14 @@ def build_tree_factory(mechanism) -> tff.aggregators.UnweightedAggregationFactor
 
 
 class PreClippedGaussianSumQuery(tfp.GaussianSumQuery):
-  """TF Privacy's Gaussian sum query over records that are sums of units already
-  clipped to `unit_clip` (packed one-example clients: `packed_clients`).
+  """TF Privacy's Gaussian sum query over records that are sums of units each already
+  clipped to `l2_norm_clip` (packed one-example clients: `packed_clients`).
 
   Each unit (a patient) is in exactly one record, so adding or removing it
-  moves the sum by at most `unit_clip`: the query's sensitivity, as for
+  moves the sum by at most `l2_norm_clip`: the query's sensitivity, as for
   `GaussianSumQuery` over one unit per record, and its event is the same
-  G(stddev / unit_clip). Only the per-record clipping goes, since a record
-  (a pack of units) may exceed `unit_clip` by design.
+  G(stddev / l2_norm_clip). Only the per-record clipping goes, since a record
+  (a pack of units) may exceed `l2_norm_clip` by design.
   """
 
   def preprocess_record_impl(self, params, record):
