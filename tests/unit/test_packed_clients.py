@@ -20,7 +20,6 @@ from tff_dpmed.errors import UsageError
 from tff_dpmed.federated import process as process_lib
 from tff_dpmed.privacy import mechanisms
 from tff_dpmed.privacy import safe_updates
-from tff_dpmed.privacy.packed_clients import clip_rows
 from tff_dpmed.privacy.spec import DPSpec
 from tff_dpmed.program.config import RunConfig
 
@@ -108,7 +107,8 @@ def test_the_packed_aggregator_adds_the_same_noise_and_records_g_of_z(tff_runtim
 def test_each_row_is_clipped_on_its_own_and_non_finite_rows_are_zeroed():
   rows = [np.array([[3.0, 4.0], [0.03, 0.04], [np.nan, 1.0], [3e30, 4e30]], np.float32),
           np.array([[0.0], [0.0], [1.0], [0.0]], np.float32)]
-  a, b = [np.asarray(t) for t in clip_rows([tf.constant(r) for r in rows], 1.0)]
+  a, b = [np.asarray(t)
+          for t in safe_updates.safe_clip_rows([tf.constant(r) for r in rows], 1.0)]
   norms = np.sqrt((a**2).sum(1) + (b**2).sum(1))
   np.testing.assert_allclose(a[0], [0.6, 0.8], rtol=1e-6)   # Over: scaled to norm 1.
   np.testing.assert_allclose(a[1], [0.03, 0.04], rtol=1e-6)  # Under: unchanged.

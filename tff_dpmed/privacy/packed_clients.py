@@ -22,29 +22,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_dpmed.privacy.example_dp import per_example_gradients
-
-
-def clip_rows(rows: list, clip: float) -> list:
-  """Each unit's slice (leading axis) of `rows` scaled to global L2 norm <= `clip`;
-  a unit with a non-finite entry becomes zeros (TFF's rule for a client update).
-
-  The norm is taken after dividing by the unit's largest entry, so no finite
-  update overflows it (`safe_updates.safe_clip`, per unit).
-  """
-  flat = [tf.reshape(r, [tf.shape(r)[0], -1]) for r in rows]
-  finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(f), axis=1) for f in flat]),
-                         axis=0)
-  safe = [tf.where(finite[:, tf.newaxis], f, tf.zeros_like(f)) for f in flat]
-  max_abs = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(f), axis=1) for f in safe]), axis=0)
-  scale = tf.where(max_abs > 0, max_abs, tf.ones_like(max_abs))
-  unit_norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(f / scale[:, tf.newaxis]), axis=1)
-                                for f in safe]))
-  # ||row|| = scale * unit_norm. Scaled as (row / scale) * (clip / unit_norm): a
-  # factor clip / ||row|| itself can be subnormal, which the CPU flushes to zero.
-  over = (unit_norm > tf.cast(clip, scale.dtype) / scale)[:, tf.newaxis]
-  shrink = tf.math.divide_no_nan(tf.cast(clip, scale.dtype), unit_norm)[:, tf.newaxis]
-  clipped = [tf.where(over, (f / scale[:, tf.newaxis]) * shrink, f) for f in safe]
-  return [tf.reshape(c, tf.shape(r)) for c, r in zip(clipped, rows)]
+from tff_dpmed.privacy.safe_updates import safe_clip_rows
 
 
 def build_packed_client_work(model: tff.learning.models.FunctionalModel, *, element_type,
@@ -76,7 +54,7 @@ def build_packed_client_work(model: tff.learning.models.FunctionalModel, *, elem
     trainable = list(weights.trainable)
     grads = per_example_gradients(model, trainable, list(weights.non_trainable),
                                   element["x"], element["y"])
-    clipped = clip_rows([lr * g for g in grads], clip)
+    clipped = safe_clip_rows([lr * g for g in grads], clip)
     update = tuple(tf.reduce_sum(c, axis=0) for c in clipped)
     return tff.learning.templates.ClientResult(update=update, update_weight=tf.constant(1.0))
 

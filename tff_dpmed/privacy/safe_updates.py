@@ -19,18 +19,29 @@ MAX_UPDATE_NORM = 1e9
 
 def safe_clip(tensors: list, clip) -> list:
   """`tensors` scaled to global L2 norm <= `clip`; all zeros if any entry is not finite."""
-  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
-  max_abs = tf.reduce_max([tf.reduce_max(tf.abs(t)) for t in tensors])
-  safe = [tf.where(finite, t, tf.zeros_like(t)) for t in tensors]
-  scale = tf.where(finite & (max_abs > 0), max_abs, tf.ones_like(max_abs))
+  return [row[0] for row in safe_clip_rows([t[tf.newaxis] for t in tensors], clip)]
+
+
+def safe_clip_rows(rows: list, clip) -> list:
+  """`safe_clip` for many units at once: each unit's slice (leading axis) of `rows`
+  scaled to global L2 norm <= `clip`, or zeros if it has a non-finite entry
+  (packed one-example clients, `packed_clients`)."""
+  flat = [tf.reshape(r, [tf.shape(r)[0], -1]) for r in rows]
+  finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(f), axis=1) for f in flat]),
+                         axis=0)
+  safe = [tf.where(finite[:, tf.newaxis], f, tf.zeros_like(f)) for f in flat]
+  max_abs = tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(f), axis=1) for f in safe]), axis=0)
+  scale = tf.where(max_abs > 0, max_abs, tf.ones_like(max_abs))
   # ||x|| = scale * ||x / scale||, and ||x / scale||^2 <= number of entries.
-  unit_norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t / scale)) for t in safe]))
+  unit_norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(f / scale[:, tf.newaxis]), axis=1)
+                                for f in safe]))
   clip = tf.cast(clip, max_abs.dtype)
-  # Scaled as (t / scale) * (clip / unit_norm): a factor clip / ||t|| itself can
+  # Scaled as (x / scale) * (clip / unit_norm): a factor clip / ||x|| itself can
   # be subnormal for huge entries, which the CPU flushes to zero.
-  over = unit_norm > clip / scale
-  shrink = tf.math.divide_no_nan(clip, unit_norm)
-  return [tf.where(over, (t / scale) * shrink, t) for t in safe]
+  over = (unit_norm > clip / scale)[:, tf.newaxis]
+  shrink = tf.math.divide_no_nan(clip, unit_norm)[:, tf.newaxis]
+  clipped = [tf.where(over, (f / scale[:, tf.newaxis]) * shrink, f) for f in safe]
+  return [tf.reshape(c, tf.shape(r)) for c, r in zip(clipped, rows)]
 
 
 class BoundedUpdatesFactory(tff.aggregators.UnweightedAggregationFactory):
