@@ -233,25 +233,33 @@ def make_federated_train_data(images: np.ndarray, labels: np.ndarray,
   return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(client_ids, client_dataset)
 
 
+def _write_client_file(folder: str, client: str, name: str, tensor) -> None:
+  """One tensor of one client, `<folder>/<client>.<name>`, as a serialised proto."""
+  tf.io.write_file(os.path.join(folder, f"{client}.{name}"),
+                   tf.io.serialize_tensor(tf.convert_to_tensor(tensor)))
+
+
+def _read_client_file(folder: str, client_id, name: str, spec: tf.TensorSpec) -> tf.Tensor:
+  """What `_write_client_file` wrote, read on the worker; `client_id` a string scalar."""
+  path = tf.strings.join([folder + os.sep, client_id, "." + name])
+  return tf.ensure_shape(tf.io.parse_tensor(tf.io.read_file(path), spec.dtype), spec.shape)
+
+
 def _clients_in_files(images: np.ndarray, labels: np.ndarray, flat: np.ndarray,
                       offsets: np.ndarray, folder: str, client_ids: list):
   """Writes each client's images and labels (as stored) to `folder`; returns the
   function that reads a client's back: (client_id, client) -> (images, labels)."""
   for i, client in enumerate(client_ids):
     indices = flat[offsets[i]:offsets[i + 1]]
-    for name, array in (("x", images[indices]), ("y", labels[indices])):
-      tf.io.write_file(os.path.join(folder, f"{client}.{name}"),
-                       tf.io.serialize_tensor(tf.constant(array)))
-  specs = {"x": tf.TensorSpec([None, *images.shape[1:]], images.dtype),
-           "y": tf.TensorSpec([None, *labels.shape[1:]], labels.dtype)}
+    _write_client_file(folder, client, "x", images[indices])
+    _write_client_file(folder, client, "y", labels[indices])
+  x_spec = tf.TensorSpec([None, *images.shape[1:]], images.dtype)
+  y_spec = tf.TensorSpec([None, *labels.shape[1:]], labels.dtype)
 
   def read(client_id, client):
     del client
-    def one(name):
-      path = tf.strings.join([folder + os.sep, client_id, "." + name])
-      return tf.ensure_shape(tf.io.parse_tensor(tf.io.read_file(path), specs[name].dtype),
-                             specs[name].shape)
-    return one("x"), one("y")
+    return (_read_client_file(folder, client_id, "x", x_spec),
+            _read_client_file(folder, client_id, "y", y_spec))
 
   return read
 
@@ -380,9 +388,8 @@ def _packs_from_files(images, labels, flat, info, folder: str, client_ids: list
   """`make_packed_client_data`, each client's one example in `folder` (its image or
   features and its label as stored, serialised protos; normalised when read)."""
   for client, index in zip(client_ids, flat):
-    for name, array in (("x", images[index]), ("y", labels[index])):
-      tf.io.write_file(os.path.join(folder, f"{client}.{name}"),
-                       tf.io.serialize_tensor(tf.constant(array)))
+    _write_client_file(folder, client, "x", images[index])
+    _write_client_file(folder, client, "y", labels[index])
   specs = {"x": tf.TensorSpec(images.shape[1:], images.dtype),
            "y": tf.TensorSpec(labels.shape[1:], labels.dtype)}
 
@@ -390,11 +397,8 @@ def _packs_from_files(images, labels, flat, info, folder: str, client_ids: list
     members = tf.strings.as_string(_pack_members(pack_id))
 
     def read(name):
-      paths = tf.strings.join([folder + os.sep, members, "." + name])
-      spec = specs[name]
-      return tf.map_fn(lambda path: tf.ensure_shape(
-          tf.io.parse_tensor(tf.io.read_file(path), spec.dtype), spec.shape),
-                       paths, fn_output_signature=spec)
+      return tf.map_fn(lambda member: _read_client_file(folder, member, name, specs[name]),
+                       members, fn_output_signature=specs[name])
     return tf.data.Dataset.from_tensors(collections.OrderedDict(
         x=model_inputs(read("x")), y=preprocess_labels(read("y"), info)))
 
@@ -415,14 +419,13 @@ def _whole_clients_from_files(images, labels, flat, offsets, info, folder: str,
       tensors["canary"] = tf.constant(canary[indices], tf.int64)
     for name, tensor in tensors.items():
       dtypes[name] = tensor.dtype
-      tf.io.write_file(os.path.join(folder, f"{client}.{name}"), tf.io.serialize_tensor(tensor))
+      _write_client_file(folder, client, name, tensor)
   shapes = {"x": [None, *images.shape[1:]], "y": [None, *labels.shape[1:]], "canary": [None]}
 
   def client_dataset(client_id) -> tf.data.Dataset:
     def read(name):
-      path = tf.strings.join([folder + os.sep, client_id, "." + name])
-      return tf.ensure_shape(tf.io.parse_tensor(tf.io.read_file(path), dtypes[name]),
-                             shapes[name])
+      return _read_client_file(folder, client_id, name, tf.TensorSpec(shapes[name],
+                                                                      dtypes[name]))
     element = collections.OrderedDict(
         x=read("x"), y=read("y"), client=tf.strings.to_number(client_id, out_type=tf.int64))
     if canary is not None:
