@@ -2,7 +2,7 @@
 
   python -m experiments.frontier [--runs=3] [--target_epsilons=0.5,1,2,3,4,8]
       [--only=pneumonia_iid_example,...] [--data_dir=...]
-      [--output_dir=experiments/results/frontier] [--quick]
+      [--output_dir=experiments/results/frontier] [--audit_levels=3,nodp] [--quick]
 
 Each row of the study is one recipe (a privacy unit and placement, a dataset
 and a split), tuned once on val and documented in ROWS. It runs at every
@@ -15,9 +15,12 @@ reach is a row that says so.
 Outputs in --output_dir: results.md and results.csv (updated after every
 level, so a stopped study keeps what it finished), frontier_<dataset>.png
 (test AUC against epsilon on a log axis, one line per row, the non-private
-runs as bands) and curves_<dataset>.png (val AUC per round). Rerunning the
-command reuses finished runs and resumes a killed one from its checkpoint.
-`--quick` is a two-run smoke test (one row, epsilon 3 and z = 0, 2 rounds).
+runs as bands) and curves_<dataset>.png (val AUC per round). After every
+level, each row runs once more at each of --audit_levels as a canary twin
+(`--audit=canary`), whose empirical epsilon fills the audit table. Rerunning
+the command reuses finished runs and resumes a killed one from its checkpoint.
+`--quick` is a three-run smoke test (one row, epsilon 3 and z = 0, 2 rounds,
+and the epsilon-3 twin).
 """
 
 import dataclasses
@@ -55,7 +58,7 @@ def _define_flags() -> None:
       "(levels not finished are listed as such). For a study run as several processes, one "
       "per --only subset, or stopped part-way.")
   flags.DEFINE_bool("quick", False, "Smoke test: one row, epsilon 3 and z = 0, "
-                    "2 rounds, 1 run.")
+                    "2 rounds, 1 run, and the epsilon-3 canary twin.")
   flags.DEFINE_list("audit_levels", ["3", "nodp"],
                     "Levels (target epsilons, or nodp) at which each row also runs once as "
                     "a canary twin (--audit=canary: canary clients in client-level rows, "
@@ -363,7 +366,8 @@ def main(argv) -> None:
         audit_cells[(row.name, target)] = _audit_cell(summary)
     progress.update()
     write_table()
-  _figures(rows, done, output_dir)
+  if FLAGS.report_only:
+    _figures(rows, done, output_dir)  # Otherwise drawn as each level finished.
   progress.close()
   print(f"frontier: {len(table)} levels and {len(audit_cells)} audit twins in "
         f"{(time.time() - start) / 60:.1f} min; {os.path.join(output_dir, 'results.md')}")

@@ -312,8 +312,8 @@ def client_datasets(run: PreparedRun, folder: Optional[str] = None,
                     initial: Optional[tff.learning.models.ModelWeights] = None):
   """The clients' train data as the mechanism reads it: local batches, packs of
   one-example clients (--client_packing), or (DP-SGD, which samples its own
-  batches) each client's examples whole; from files in `folder` if given. `initial`: the model's weights, if built already (canary
-  examples need its size)."""
+  batches) each client's examples whole; from files in `folder` if given.
+  `initial`: the model's weights, if built already (canary examples need its size)."""
   cfg, splits, info = run.config, run.splits, run.splits.info
   images, labels, canary = splits.train_images, splits.train_labels, None
   if run.example_canaries is not None:
