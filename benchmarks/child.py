@@ -36,7 +36,7 @@ _PER_EXAMPLE = flags.DEFINE_boolean("per_example", False, "Patients as clients: 
                                     "--num_clients must be the training set's size.")
 _MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent_computation_calls", -1,
                                        "The TFF worker's limit (-1: none, the trainer's default).")
-_PACKING = flags.DEFINE_enum("client_packing", "off", ["auto", "on", "off"],
+_PACKING = flags.DEFINE_enum("client_packing", "auto", ["auto", "on", "off"],
                              "With --per_example: the trainer's --client_packing (packing "
                              "needs fixed clipping, so --per_example runs use it).")
 # Levers (see workload.py); the defaults are what the trainer does.
