@@ -47,12 +47,14 @@ def metrics_constructor(info: DatasetInfo) -> collections.OrderedDict:
 
 def make_functional_model(model_name: str, info: DatasetInfo, input_spec,
                           seed: Optional[int] = None,
-                          keras_builder: Callable[..., tf.keras.Model] = models.build_model
+                          keras_builder: Callable[..., tf.keras.Model] = models.build_model,
+                          keras_model: Optional[tf.keras.Model] = None
                           ) -> tff.learning.models.FunctionalModel:
   """The Keras model as TFF pure functions of its weights.
 
   `keras_builder` builds it (`models.build_model`'s signature): pass
   `models.build_trainable` to train a scatter_* model's head on features.
+  Or pass the built `keras_model` (which packed clients also need).
 
   A functional model is built once, eagerly. A `VariableModel` (from_keras_model)
   would be rebuilt by TFF inside v1 graphs, and Keras then globally swaps its
@@ -60,8 +62,10 @@ def make_functional_model(model_name: str, info: DatasetInfo, input_spec,
   (the evaluation and export model). Our models have no non-trainable state
   (no BatchNorm), which functional models require.
   """
+  if keras_model is None:
+    keras_model = keras_builder(model_name, info, seed=seed)
   return tff.learning.models.functional_model_from_keras(
-      keras_builder(model_name, info, seed=seed),
+      keras_model,
       loss_fn=models.loss_for(info),
       input_spec=input_spec,
       metrics_constructor=metrics_constructor(info))
@@ -94,7 +98,8 @@ def build_learning_process(model, mechanism, opt: OptimizerConfig,
                            loop_implementation: tff.learning.LoopImplementation = CLIENT_LOOP,
                            client_element_type=None,
                            canaries: Optional[canaries_lib.CanaryPlan] = None,
-                           packed: bool = False):
+                           packed: bool = False, keras_model: Optional[tf.keras.Model] = None,
+                           loss: Optional[tf.keras.losses.Loss] = None):
   """DP-FedAvg: uniform client weighting, as client-level DP needs bounded per-client influence.
 
   `mechanism` (a `privacy.mechanisms.Mechanism`) supplies the aggregator;
@@ -105,14 +110,17 @@ def build_learning_process(model, mechanism, opt: OptimizerConfig,
   audit) the process reads `canaries_lib.with_canaries`' client data: compose
   it with `canaries_lib.compose_client_data`. `packed`: each client is a pack
   of one-example clients (`client_data.make_packed_client_data`), trained and
-  clipped one by one inside it (`mechanism.packed_parts`).
+  clipped one by one inside it (`mechanism.packed_parts`; with the
+  `keras_model` `model` was made from and its `loss`, without materialising
+  per-client gradients where the model allows).
   """
   server_optimizer = tff.learning.optimizers.build_sgdm(
       learning_rate=opt.server_learning_rate,
       momentum=opt.server_momentum if opt.server_momentum > 0 else None)
   if packed:
-    client_work, aggregator = mechanism.packed_parts(model, client_element_type,
-                                                     opt.client_learning_rate)
+    client_work, aggregator = mechanism.packed_parts(
+        model, client_element_type, opt.client_learning_rate, keras_model=keras_model,
+        loss=loss)
     return _compose_with_client_work(model, client_work, safe_updates.bounded(aggregator),
                                      server_optimizer)
   aggregator = mechanism.aggregator()

@@ -223,13 +223,17 @@ class CentralGaussian(Mechanism):
     from tff_dpmed.privacy import central_dp  # TFF: only when a process is built.
     return central_dp.build_factory(self)
 
-  def packed_parts(self, model, element_type, learning_rate: float):
+  def packed_parts(self, model, element_type, learning_rate: float, keras_model=None,
+                   loss=None):
     """(client work, aggregator) for one-example clients sent in packs: each
     client's update clipped to C inside its pack, the sum noised as
-    `aggregator()` noises it (`packed_clients`). Fixed clipping only."""
+    `aggregator()` noises it (`packed_clients`; `keras_model` and `loss`, what
+    `model` was made of, let it clip without materialising per-client
+    gradients). Fixed clipping only."""
     from tff_dpmed.privacy import central_dp, packed_clients  # TFF: only when built.
     client_work = packed_clients.build_packed_client_work(
-        model, element_type=element_type, clip=self.spec.clip, learning_rate=learning_rate)
+        model, element_type=element_type, clip=self.spec.clip, learning_rate=learning_rate,
+        keras_model=keras_model, loss=loss)
     return client_work, central_dp.build_packed_factory(self)
 
   def noise_choices(self) -> dict[str, Any]:

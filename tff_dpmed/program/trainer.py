@@ -364,8 +364,9 @@ def build_process(run: PreparedRun, federated_data):
     element_type = client_data_lib.any_client_size(element_type)
   # The model sees (x, y) batches; DP-SGD's client element also carries the client id.
   input_spec = collections.OrderedDict(x=element_type["x"], y=element_type["y"])
-  tff_model = process_lib.make_functional_model(cfg.model, info, input_spec, cfg.seed,
-                                                keras_builder=models.build_trainable)
+  keras_model = models.build_trainable(cfg.model, info, seed=cfg.seed)
+  tff_model = process_lib.make_functional_model(cfg.model, info, input_spec,
+                                                keras_model=keras_model)
   # Per-client train metrics are plain sums outside any DP mechanism: in DP
   # modes they are not released unless --debug_metrics asks for them.
   release_client_metrics = not mechanism.states_guarantee or cfg.debug_metrics
@@ -374,7 +375,8 @@ def build_process(run: PreparedRun, federated_data):
       tff_model, mechanism, process_lib.OptimizerConfig(
           cfg.client_learning_rate, cfg.server_learning_rate, cfg.server_momentum),
       release_client_metrics=release_client_metrics, client_element_type=element_type,
-      canaries=canaries, packed=cfg.packs_clients)
+      canaries=canaries, packed=cfg.packs_clients, keras_model=keras_model,
+      loss=models.loss_for(info))
   if canaries is not None:
     # Canary ids get no data and a marker (federated/canaries.py).
     return (canaries_lib.compose_client_data(federated_data, canaries, process),
