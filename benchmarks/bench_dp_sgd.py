@@ -225,11 +225,13 @@ def run(data_dir: Optional[str], cases: Sequence[tuple[str, int]], repetitions: 
         show_progress: bool = True) -> list[dict]:
   """One measurement per (model, B), each with its own TFF runtime; JSON-able results."""
   from tff_dpmed.federated import context  # pylint: disable=g-import-not-at-top
+  from tff_dpmed.program import trainer  # pylint: disable=g-import-not-at-top
   out = []
   for model, batch_size in cases:
     setup = Setup(data_dir, model, batch_size)
     with context.local_runtime(
-        max_concurrent_computation_calls=setup.run.config.max_concurrent_computation_calls):
+        max_concurrent_computation_calls=setup.run.config.max_concurrent_computation_calls,
+        concurrent_clients=trainer.concurrent_clients(setup.run.config)):
       out.append(measure(setup, repetitions, with_optimizer=model in optimizer_models,
                          show_progress=show_progress))
   return out

@@ -113,11 +113,13 @@ def run(data_dir: Optional[str], clients_per_round: Sequence[int], rounds: int,
         show_progress: bool = True) -> list[dict]:
   """One measurement per cohort size, each in its own TFF runtime; JSON-able results."""
   from tff_dpmed.federated import context  # pylint: disable=g-import-not-at-top
+  from tff_dpmed.program import trainer  # pylint: disable=g-import-not-at-top
   out = []
   for k in clients_per_round:
     work = workload.prepare(data_dir, num_clients, k)
     with context.local_runtime(
-        max_concurrent_computation_calls=work.run.config.max_concurrent_computation_calls):
+        max_concurrent_computation_calls=work.run.config.max_concurrent_computation_calls,
+        concurrent_clients=trainer.concurrent_clients(work.run.config)):
       results = measure(work, rounds, repetitions, warmup_rounds, show_progress=show_progress)
     out.append({"clients_per_round": k, "num_clients": num_clients,
                 "results": {n: dataclasses.asdict(r) for n, r in results.items()}})

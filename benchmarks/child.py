@@ -49,6 +49,10 @@ _LOOP = flags.DEFINE_enum("loop", None, ["DATASET_REDUCE", "DATASET_ITERATOR"],
                           "TFF's client training loop (default: TFF's).")
 _COMPOSE = flags.DEFINE_boolean("compose", True, "Clients build their datasets on the worker "
                                 "(dataset computation composed in), as the trainer does.")
+_ONE_THREAD_OPS = flags.DEFINE_enum("worker_op_threads", "auto", ["auto", "tf_default"],
+                                    "The worker's intra-op threads: the trainer's rule "
+                                    "(one per op when the clients fill the cores) or TF's "
+                                    "default (all cores per op).")
 _WEIGHTS_FROM_STATE = flags.DEFINE_boolean("weights_from_state", False, "Read the weights from "
                                            "the new state, not with get_model_weights.")
 
@@ -99,7 +103,11 @@ def main(argv):
 
   if _CONTENDER.value == "tff_dpmed":
     t = time.time()
-    with context.local_runtime(max_concurrent_computation_calls=_MAX_CONCURRENT.value):
+    from tff_dpmed.program import trainer  # pylint: disable=g-import-not-at-top
+    concurrent = (trainer.concurrent_clients(work.run.config)
+                  if _ONE_THREAD_OPS.value == "auto" else None)
+    with context.local_runtime(max_concurrent_computation_calls=_MAX_CONCURRENT.value,
+                               concurrent_clients=concurrent):
       stages["worker_start"] = time.time() - t
       t = time.time()
       runner = workload.TffContender(work, loop=_LOOP.value, compose=_COMPOSE.value,

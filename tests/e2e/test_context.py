@@ -124,3 +124,19 @@ def test_unreachable_worker_is_named(tmp_path):
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
   with pytest.raises(context.WorkerError, match=address):
     context.check_reachable([address], timeout_s=0.5)
+
+
+def _environ(pid: int) -> dict:
+  with open(f"/proc/{pid}/environ", "rb") as f:
+    return dict(item.decode().split("=", 1) for item in f.read().split(b"\0") if b"=" in item)
+
+
+def test_the_worker_runs_ops_on_one_thread_only_when_the_clients_fill_the_cores(tmp_path):
+  cores = len(os.sched_getaffinity(0))
+  fill = context.CLIENTS_PER_CORE_FOR_ONE_THREAD * cores
+  assert context.worker_intra_op_threads(fill) == 1
+  assert context.worker_intra_op_threads(fill - 1) is None
+  assert context.worker_intra_op_threads(None) is None
+  for clients, want in ((fill, "1"), (fill - 1, None)):
+    with context.local_runtime(log_dir=str(tmp_path), concurrent_clients=clients) as worker:
+      assert _environ(worker.binary_pid).get("TF_NUM_INTRAOP_THREADS") == want

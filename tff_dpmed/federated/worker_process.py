@@ -95,7 +95,7 @@ class WorkerProcess:
   def __init__(self, *, port: Optional[int] = None, binary: str = WORKER_BINARY,
                max_concurrent_computation_calls: int = -1,
                log_path: Optional[str] = None, host: str = "127.0.0.1",
-               isolated: bool = True):
+               isolated: bool = True, intra_op_threads: Optional[int] = None):
     check_worker_binary(binary)
     if isolated:
       check_isolation()
@@ -104,6 +104,7 @@ class WorkerProcess:
     self.isolated = isolated
     self.port = _NAMESPACE_PORT if isolated else (port or portpicker.pick_unused_port())
     self.max_concurrent_computation_calls = max_concurrent_computation_calls
+    self.intra_op_threads = intra_op_threads
     self.log_path = log_path or os.path.join(
         tempfile.gettempdir(), f"tff_dpmed_worker_{os.getpid()}_{id(self):x}.log")
     self.process: Optional[subprocess.Popen] = None
@@ -127,7 +128,10 @@ class WorkerProcess:
   def start(self, timeout_s: float = 60.0) -> "WorkerProcess":
     worker_args = [self.binary,
                    f"--max_concurrent_computation_calls={self.max_concurrent_computation_calls}"]
-    env = None
+    env = dict(os.environ)
+    if self.intra_op_threads is not None:
+      # Read by TF's runtime in the binary (process_util.cc) for its sessions' op pools.
+      env["TF_NUM_INTRAOP_THREADS"] = str(self.intra_op_threads)
     if self.isolated:
       # Unix socket paths are limited to 107 bytes; a long $TMPDIR would not fit.
       parent = tempfile.gettempdir() if len(tempfile.gettempdir()) < 60 else "/tmp"
@@ -136,7 +140,7 @@ class WorkerProcess:
               sys.executable, "-I", os.path.abspath(netns_bridge.__file__),
               f"--socket={self.socket_path}", f"--port={self.port}",
               f"--parent_pid={os.getpid()}", f"--ready_timeout_s={timeout_s}"]
-      env = dict(os.environ, **{netns_bridge.ARGV_ENV: json.dumps(worker_args)})
+      env[netns_bridge.ARGV_ENV] = json.dumps(worker_args)
     else:
       args = [*worker_args, f"--port={self.port}"]
     with open(self.log_path, "ab") as log:

@@ -10,6 +10,7 @@ round loop (`loop.run_rounds`), and writes summary.json and the SavedModel.
 import collections
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import shutil
@@ -164,7 +165,15 @@ def _runtime(cfg: RunConfig):
     return context.remote_runtime(cfg.worker_addresses, credentials=_worker_credentials(cfg))
   return context.local_runtime(
       max_concurrent_computation_calls=cfg.max_concurrent_computation_calls,
-      log_dir=cfg.run_dir, binary=cfg.worker_binary, insecure=cfg.insecure_local_executor)
+      log_dir=cfg.run_dir, binary=cfg.worker_binary, insecure=cfg.insecure_local_executor,
+      concurrent_clients=concurrent_clients(cfg))
+
+
+def concurrent_clients(cfg: RunConfig) -> float:
+  """The TFF client computations a round runs (expected): clients, or their packs."""
+  if cfg.packs_clients:
+    return math.ceil(cfg.clients_per_round / PATIENTS_PER_PACK)
+  return cfg.clients_per_round
 
 
 def train(run: PreparedRun, show_progress: bool = True,
