@@ -49,15 +49,36 @@ def run(data_dir: Optional[str], size: int, repetitions: int, rounds_per_rep: in
   return {"size": size, "repetitions": repetitions, "tff": tff_point, "keras": keras}
 
 
-def render(raw: dict) -> str:
+def _figures(raw: dict) -> dict:
   result, keras = raw["tff"], raw["keras"]
   timed = result["round_s"][WARMUP_ROUNDS:]
   examples = float(np.median(result["examples"][WARMUP_ROUNDS:]))
   median = report.median_range(timed)[0]
   keras_per_example = float(np.median(keras["wall_s"])) / keras["examples_per_epoch"]
-  ratio = median / (examples * keras_per_example)
   peak = result["peak_rss_bytes"]
-  total_gib = (peak["main"] + peak["worker"]) / 2**30
+  return dict(timed=timed, examples=examples, median=median,
+              keras_per_example=keras_per_example,
+              ratio=median / (examples * keras_per_example), peak=peak,
+              total_gib=(peak["main"] + peak["worker"]) / 2**30)
+
+
+def verdicts(raw: dict) -> list:
+  f = _figures(raw)
+  rss = ("met" if f["total_gib"] < RSS_TARGET_GIB
+         else f"**missed** by {f['total_gib'] - RSS_TARGET_GIB:.2f} GiB")
+  ratio = ("met" if f["ratio"] <= RATIO_TARGET
+           else f"**missed** by {f['ratio'] / RATIO_TARGET - 1:.0%}")
+  return [f"- {raw['size']}-px PneumoniaMNIST, 10 of 100 clients per round: peak RSS (main + "
+          f"worker) {f['total_gib']:.2f} GiB, target < {RSS_TARGET_GIB:g}: {rss}; ratio to "
+          f"Keras `fit` {f['ratio']:.2f}, target <= {RATIO_TARGET:g}: {ratio}."]
+
+
+def render(raw: dict) -> str:
+  result, keras = raw["tff"], raw["keras"]
+  f = _figures(raw)
+  timed, examples, median = f["timed"], f["examples"], f["median"]
+  keras_per_example, ratio, peak, total_gib = (f["keras_per_example"], f["ratio"], f["peak"],
+                                               f["total_gib"])
   pixels_mib = keras["examples_per_epoch"] * raw["size"] ** 2 / 2**20
   rows = [["tff_dpmed round, 10 of 100 clients", f"{examples:.0f}", report.fmt(timed),
            f"{1000 * median / examples:.2f}", f"**{ratio:.2f}x**",

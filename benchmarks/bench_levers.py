@@ -5,13 +5,14 @@
 
 Variants (benchmarks.child flags; the baseline is what the trainer does):
   baseline              dataset computation composed in, the library's client
-                        loop (DATASET_ITERATOR), get_model_weights each round,
+                        loop (DATASET_ITERATOR), weights read from the returned state,
                         no concurrency limit
   loop=DATASET_REDUCE   TFF's default client loop (the library's until this
                         benchmark showed it costs more)
   max_concurrent=N      the worker runs at most N client computations at once
                         (N = usable cores)
-  weights_from_state    new weights read from the returned state (saves a call)
+  get_model_weights     new weights by get_model_weights, a second computation
+                        (the trainer reads them from the returned state)
   per-round datasets    no dataset computation: each round passes the cohort's
                         datasets, built in Python (TFF serialises each one)
   protobuf overlay      only with --protobuf_overlay=DIR: DIR (a `pip install
@@ -48,7 +49,7 @@ def variants(overlay: Optional[str]) -> list:
       ("loop=DATASET_REDUCE (TFF's default)", ["--loop=DATASET_REDUCE"], {}),
       (f"max_concurrent_computation_calls={procstats.usable_cores()}",
        [f"--max_concurrent_computation_calls={procstats.usable_cores()}"], {}),
-      ("weights read from the state", ["--weights_from_state"], {}),
+      ("weights by get_model_weights", ["--noweights_from_state"], {}),
       ("per-round datasets (no dataset computation)", ["--nocompose"], {}),
   ]
   if overlay:

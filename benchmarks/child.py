@@ -53,8 +53,9 @@ _ONE_THREAD_OPS = flags.DEFINE_enum("worker_op_threads", "auto", ["auto", "tf_de
                                     "The worker's intra-op threads: the trainer's rule "
                                     "(one per op when the clients fill the cores) or TF's "
                                     "default (all cores per op).")
-_WEIGHTS_FROM_STATE = flags.DEFINE_boolean("weights_from_state", False, "Read the weights from "
-                                           "the new state, not with get_model_weights.")
+_WEIGHTS_FROM_STATE = flags.DEFINE_boolean("weights_from_state", True, "Read the weights from "
+                                           "the new state, as the trainer does (--no...: call "
+                                           "get_model_weights, a second computation).")
 
 
 def _heavy_imports():

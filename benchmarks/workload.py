@@ -189,13 +189,14 @@ def cohorts(num_clients: int, clients_per_round: int, rounds: int, seed: int = 0
 
 
 def tff_round(process, state, participants, work: Optional[Workload] = None,
-              weights_from_state: bool = False):
+              weights_from_state: bool = True):
   """One round as the trainer does it: next() and reading the new model weights.
 
   Levers: with `work`, the process is the uncomposed one and takes each
-  client's dataset, built here in Python; weights_from_state reads the weights
-  from the returned state instead of calling get_model_weights (a second
-  computation, which sends the whole state back to the worker).
+  client's dataset, built here in Python; weights_from_state=False calls
+  get_model_weights (a second computation, which sends the whole state back
+  to the worker) instead of reading the weights from the returned state, as
+  the trainer did before 3 December.
   """
   if work is None:
     clients = [str(i) for i in participants]
@@ -216,7 +217,7 @@ class TffContender:
   (what the trainer trains on; in DP modes TFF reports no count)."""
 
   def __init__(self, work: Workload, loop: Optional[str] = None, compose: bool = True,
-               weights_from_state: bool = False):
+               weights_from_state: bool = True):
     start = time.perf_counter()
     self.process = build_tff_process(work, loop=loop, compose=compose)
     self.build_seconds = time.perf_counter() - start

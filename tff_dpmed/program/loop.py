@@ -154,7 +154,9 @@ def run_rounds(state: ProgramState, parts: LoopParts, settings: LoopSettings,
         with signals_deferred():
           parts.ledger.record_round(participants)
           parts.save_ledger(parts.ledger)
-        weights = parts.process.get_model_weights(output.state)
+        # What get_model_weights computes (TFF's compose_learning_process), without a
+        # second call that sends the whole state to the worker and back (LEVERS.md).
+        weights = output.state.global_model_weights
         parts.check_finite(state.round + 1, output.metrics, weights, participants)
         if not event_verified:
           # What the aggregator says it released must be what the ledger accounts.
