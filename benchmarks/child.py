@@ -107,15 +107,19 @@ def main(argv):
     from tff_dpmed.program import trainer  # pylint: disable=g-import-not-at-top
     concurrent = (trainer.concurrent_clients(work.run.config)
                   if _ONE_THREAD_OPS.value == "auto" else None)
+    # As the trainer: the worker loads while the process is built.
     with context.local_runtime(max_concurrent_computation_calls=_MAX_CONCURRENT.value,
-                               concurrent_clients=concurrent):
-      stages["worker_start"] = time.time() - t
+                               concurrent_clients=concurrent, wait=False) as runtime:
+      launch = time.time() - t
       t = time.time()
       runner = workload.TffContender(work, loop=_LOOP.value, compose=_COMPOSE.value,
-                                     weights_from_state=_WEIGHTS_FROM_STATE.value)
-      # Process construction, then initialize() + set_model_weights (first executions).
+                                     weights_from_state=_WEIGHTS_FROM_STATE.value,
+                                     before_execution=runtime.wait_ready)
+      # Worker start: what of it the build did not hide. Process construction, then
+      # initialize() + set_model_weights (first executions).
+      stages["worker_start"] = launch + runner.wait_seconds
       stages["build_process"] = runner.build_seconds
-      stages["initialize"] = time.time() - t - runner.build_seconds
+      stages["initialize"] = time.time() - t - runner.build_seconds - runner.wait_seconds
       workers = procstats.child_worker_pids()
       timed_rounds(runner.round, [os.getpid(), *workers])
       out["peak_rss_bytes"] = {"main": procstats.peak_rss_bytes(os.getpid()),

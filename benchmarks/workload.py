@@ -217,10 +217,15 @@ class TffContender:
   (what the trainer trains on; in DP modes TFF reports no count)."""
 
   def __init__(self, work: Workload, loop: Optional[str] = None, compose: bool = True,
-               weights_from_state: bool = True):
+               weights_from_state: bool = True, before_execution=None):
     start = time.perf_counter()
     self.process = build_tff_process(work, loop=loop, compose=compose)
     self.build_seconds = time.perf_counter() - start
+    # The trainer builds while its worker loads, then waits for it (runtime.wait_ready).
+    start = time.perf_counter()
+    if before_execution is not None:
+      before_execution()
+    self.wait_seconds = time.perf_counter() - start
     self.state = initial_state(self.process, work)
     self.weights = None
     self._work = None if compose else work

@@ -186,11 +186,16 @@ class LocalRuntime:
       raise AttributeError(name)
     return getattr(self.worker, name)
 
-  def start(self) -> None:
+  def start(self, wait: bool = True) -> None:
+    """Starts a worker behind TFF's default context; without `wait`, call `wait_ready`
+    before the first TFF execution (building computations needs no worker)."""
     self.worker = self._make_worker()
-    self.worker.start()
+    self.worker.start(wait=wait)
     tff.framework.get_context_stack().set_default_context(
         _make_context([self.worker.address], exit_reason=self.worker.exit_reason))
+
+  def wait_ready(self) -> None:
+    self.worker.wait_ready()
 
   def stop(self) -> None:
     if self.worker is not None:
@@ -232,7 +237,8 @@ def local_runtime(*, max_concurrent_computation_calls: int = -1,
                   log_dir: Optional[str] = None,
                   binary: Optional[str] = None,
                   insecure: bool = False,
-                  concurrent_clients: Optional[float] = None) -> Iterator[LocalRuntime]:
+                  concurrent_clients: Optional[float] = None,
+                  wait: bool = True) -> Iterator[LocalRuntime]:
   """Starts a local worker, makes it TFF's default context, and always stops it.
 
   The worker runs in a network namespace of its own, reached by a Unix
@@ -240,7 +246,9 @@ def local_runtime(*, max_concurrent_computation_calls: int = -1,
   its unauthenticated port listens on all interfaces (the binary cannot bind
   loopback only). Raises IsolationError if isolation is not possible here.
   `concurrent_clients`: the client computations a round runs (expected), which
-  sets the worker's op threads (`worker_intra_op_threads`).
+  sets the worker's op threads (`worker_intra_op_threads`). `wait=False`
+  returns while the worker still loads, so the caller can build its
+  computations meanwhile; it must call `wait_ready()` before executing one.
   """
   log_path = os.path.join(log_dir, "tff_worker.log") if log_dir else None
   intra_op_threads = worker_intra_op_threads(concurrent_clients)
@@ -256,7 +264,7 @@ def local_runtime(*, max_concurrent_computation_calls: int = -1,
   runtime = LocalRuntime(make_worker)
   try:
     with _restoring_default_context():  # runtime.start (and recycle) set their own.
-      runtime.start()
+      runtime.start(wait=wait)
       yield runtime
   finally:
     runtime.stop()

@@ -109,6 +109,8 @@ class WorkerProcess:
         tempfile.gettempdir(), f"tff_dpmed_worker_{os.getpid()}_{id(self):x}.log")
     self.process: Optional[subprocess.Popen] = None
     self.socket_dir: Optional[str] = None
+    self._ready = False
+    self._ready_deadline = 0.0
 
   @property
   def binary_pid(self) -> Optional[int]:
@@ -125,7 +127,9 @@ class WorkerProcess:
       return f"unix:{self.socket_path}"
     return f"{self.host}:{self.port}"
 
-  def start(self, timeout_s: float = 60.0) -> "WorkerProcess":
+  def start(self, timeout_s: float = 60.0, wait: bool = True) -> "WorkerProcess":
+    """Launches the worker; with `wait`, returns once it serves (else call `wait_ready`:
+    the binary takes a second or more to load, which the caller can overlap)."""
     worker_args = [self.binary,
                    f"--max_concurrent_computation_calls={self.max_concurrent_computation_calls}"]
     env = dict(os.environ)
@@ -149,17 +153,29 @@ class WorkerProcess:
           args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
           preexec_fn=_die_with_parent, close_fds=True)
     _register(self)
+    self._ready_deadline = time.monotonic() + timeout_s
+    self._ready = False
+    if wait:
+      self.wait_ready()
+    return self
+
+  def wait_ready(self) -> None:
+    """Returns once the launched worker serves; stops it and raises WorkerError if it
+    does not within `start`'s timeout."""
+    if self._ready:
+      return
     try:
-      wait_until_ready(self.address, timeout_s, process=self.process)
+      wait_until_ready(self.address, max(0.0, self._ready_deadline - time.monotonic()),
+                       process=self.process)
     except WorkerError as e:
       self.stop()
       raise WorkerError(f"{e}{_last_line(self.log_path)}") from None
     except BaseException:
       self.stop()
       raise
+    self._ready = True
     logging.info("TFF worker pid %d serving on %s (log %s)",
                  self.process.pid, self.address, self.log_path)
-    return self
 
   def alive(self) -> bool:
     return self.process is not None and self.process.poll() is None

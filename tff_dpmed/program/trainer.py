@@ -166,7 +166,9 @@ def _runtime(cfg: RunConfig):
   return context.local_runtime(
       max_concurrent_computation_calls=cfg.max_concurrent_computation_calls,
       log_dir=cfg.run_dir, binary=cfg.worker_binary, insecure=cfg.insecure_local_executor,
-      concurrent_clients=concurrent_clients(cfg))
+      concurrent_clients=concurrent_clients(cfg),
+      # The worker loads (a second or more) while the process is built: see wait_ready.
+      wait=False)
 
 
 def concurrent_clients(cfg: RunConfig) -> float:
@@ -267,6 +269,8 @@ def _train_with_runtime(run: PreparedRun, folder: "run_dir_lib.RunFolder", start
   initial = _initial_weights(cfg, info)
   federated_data = client_datasets(run, client_files, initial)
   process, release_client_metrics = build_process(run, federated_data)
+  if isinstance(runtime, context.LocalRuntime):
+    runtime.wait_ready()  # Started without waiting (_runtime); nothing executed before here.
   for key, value in mechanism.noise_choices().items():
     _log(f"note: {key}={value}")
   if cfg.packs_clients:
