@@ -120,3 +120,10 @@ def _with(layer):
 def test_only_models_the_ghost_pass_computes_exactly_are_supported(layer, supported):
   assert fast_clipping.supports(_with(layer)) is supported
 
+
+def test_a_layer_called_twice_is_not_supported():
+  inputs = tf.keras.Input((4,))
+  shared = tf.keras.layers.Dense(4)
+  model = tf.keras.Model(inputs, tf.keras.layers.Dense(2)(shared(shared(inputs))))
+  assert not fast_clipping.supports(model)
+

@@ -15,8 +15,10 @@ TF Privacy 0.9.0 registers Dense and Embedding, not Conv2D: `conv2d_layer_comput
 adds it (the per-example filter gradient from image patches and the output
 gradient, which for 3x3 filters is small). A model is eligible only if every
 layer with trainable weights is registered (exact classes, so Conv2DTranspose
-does not pass as Conv2D) and no layer draws randomness in training (dropout,
-noise, augmentation): both passes must see the same forward pass.
+does not pass as Conv2D), each is called once (TF Privacy sums the squared
+norms of a shared layer's calls, not of its summed gradient), and no layer
+draws randomness in training (dropout, noise, augmentation): both passes must
+see the same forward pass.
 Ineligible models keep the materialised path (`example_dp.per_example_gradients`);
 the two agree (tests/unit/test_fast_clipping.py).
 
@@ -88,6 +90,7 @@ def supports(keras_model: tf.keras.Model) -> bool:
           and gradient_clipping_utils.all_trainable_layers_are_registered(
               keras_model, layer_registry())
           and not any(hasattr(layer, "_random_generator") for layer in layers)
+          and all(len(layer.inbound_nodes) <= 1 for layer in layers if layer.trainable_weights)
           and all(_conv_is_supported(layer) for layer in layers)
           and not keras_model.non_trainable_weights)
 
