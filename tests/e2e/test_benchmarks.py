@@ -258,12 +258,15 @@ def test_patients_benchmark_fits_the_per_client_overhead(data_dir):
 def test_large_images_benchmark_trains_upsampled_data_from_files(data_dir):
   raw = bench_large_images.run(str(data_dir), 40, repetitions=1, rounds_per_rep=1,
                                show_progress=False)
-  result = raw["tff"]
-  assert result["workers"] == 1 and result["clients_per_round"] == 10
-  assert len(result["round_s"]) == bench_large_images.WARMUP_ROUNDS + 1
-  assert result["peak_rss_bytes"]["worker"] > 0
-  assert raw["keras"]["examples_per_epoch"] == 4708
+  assert sorted(raw["points"]) == ["10", "100"]
+  for per_round, result in raw["points"].items():
+    assert result["workers"] == 1 and result["clients_per_round"] == int(per_round)
+    assert len(result["round_s"]) == bench_large_images.WARMUP_ROUNDS + 1
+    assert result["peak_rss_bytes"]["worker"] > 0
+  assert raw["points"]["100"]["examples"][-1] == 4708  # All clients: one epoch.
+  assert raw["keras"]["examples_per_epoch"] == 4708 and len(raw["keras"]["wall_s"]) == 2
   text = bench_large_images.render(raw)
   assert "ratio to Keras fit" in text and "Training pixels: 7 MiB" in text
+  assert "| tff_dpmed round, 100 of 100 clients | 4708 |" in text
   (verdict,) = bench_large_images.verdicts(raw)
-  assert "40-px PneumoniaMNIST" in verdict and "target < 4: met" in verdict
+  assert "40-px PneumoniaMNIST, 100 clients" in verdict and "target < 4: met" in verdict
