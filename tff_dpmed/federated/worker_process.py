@@ -110,7 +110,7 @@ class WorkerProcess:
     self.process: Optional[subprocess.Popen] = None
     self.socket_dir: Optional[str] = None
     self._ready = False
-    self._ready_deadline = 0.0
+    self._ready_timeout_s = 60.0
 
   @property
   def binary_pid(self) -> Optional[int]:
@@ -153,7 +153,7 @@ class WorkerProcess:
           args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
           preexec_fn=_die_with_parent, close_fds=True)
     _register(self)
-    self._ready_deadline = time.monotonic() + timeout_s
+    self._ready_timeout_s = timeout_s
     self._ready = False
     if wait:
       self.wait_ready()
@@ -161,12 +161,11 @@ class WorkerProcess:
 
   def wait_ready(self) -> None:
     """Returns once the launched worker serves; stops it and raises WorkerError if it
-    does not within `start`'s timeout."""
+    does not within `start`'s timeout of this call."""
     if self._ready:
       return
     try:
-      wait_until_ready(self.address, max(0.0, self._ready_deadline - time.monotonic()),
-                       process=self.process)
+      wait_until_ready(self.address, self._ready_timeout_s, process=self.process)
     except WorkerError as e:
       self.stop()
       raise WorkerError(f"{e}{_last_line(self.log_path)}") from None

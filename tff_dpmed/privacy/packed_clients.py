@@ -7,9 +7,10 @@ each client (benchmarks/RESULTS_PATIENTS.md) to compute that one gradient.
 Here a TFF client is a *pack* of sampled patients: it clips each patient's
 update to C and sends the sum, computed from per-patient gradient norms and
 one weighted backward pass (`fast_clipping`) where the model allows, else
-from materialised per-patient gradients (`example_dp.per_example_gradients`). The server's aggregator
-(`central_dp.build_packed_factory`) adds the same N(0, (zC)^2) to the sum and
-divides by the same expected cohort as the unpacked central aggregator.
+from materialised per-patient gradients (`example_dp.per_example_gradients`).
+The server's aggregator (`central_dp.build_packed_factory`) adds the same
+N(0, (zC)^2) to the sum and divides by the same expected cohort as the
+unpacked central aggregator.
 
 So the release is the same function of the sampled patients, with the same
 noise: the patient is still the unit, sampled as the accountant assumes
